@@ -1,0 +1,831 @@
+"""Multi-scale deformable attention (MSDA, Deformable DETR, Zhu et al. 2021) in Triton and PyTorch.
+
+One self-contained file (it imports only torch and, optionally, triton), so it can be copied into
+another codebase as it is.
+
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                         attention_weights, backend="auto")
+
+    value               [B, S, H, C]          S = sum_l H_l * W_l, levels flattened row-major
+    spatial_shapes      [L, 2] int64          (H_l, W_l)
+    level_start_index   [L] int64             offset of level l inside S
+    sampling_locations  [B, Q, H, L, P, 2]    (x, y), normalised: 0 and 1 are the map's outer edges
+    attention_weights   [B, Q, H, L, P]
+    out                 [B, Q, H * C]
+
+    out[b, q, h] = sum_{l, p} attention_weights[b, q, h, l, p] * bilinear(value_l[b, :, :, h], loc)
+
+Bilinear sampling puts pixel centres at (i + 0.5) / W and reads zeros outside the map, i.e. exactly
+`F.grid_sample(align_corners=False, padding_mode="zeros")` -- the same op as Deformable DETR's CUDA
+kernel, so the two can be swapped.
+
+Backends
+  "triton"  forward and backward Triton kernels (fp32 accumulation; fp32/fp16/bf16 inputs; 64-bit
+            offsets; value gradient accumulated with atomics). Runs on CUDA tensors, and on CPU tensors
+            when TRITON_INTERPRET=1 is set before triton is imported (that is how the tests run it).
+  "torch"   exact PyTorch path for CPU (and any device): gathers the 4 bilinear corners straight from
+            the flattened value map (no transposed per-level copy as in `ms_deform_attn_grid_sample`),
+            with a hand-written backward. See `_TorchMSDA` for how it is made fast.
+  "auto"    Triton for CUDA tensors when triton is importable, PyTorch otherwise.
+
+Also here: `MSDeformAttn` (the Deformable DETR module, with its initialisation), `flatten_levels`, the
+`grid_sample` formulation `ms_deform_attn_grid_sample` (the speed baseline), and a CLI:
+    python deform_attn_triton.py --bench            timings of every available backend vs grid_sample
+    python deform_attn_triton.py --compile-check    compiles the Triton kernels for sm_90 without a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional: the PyTorch path works where triton is absent (macOS, Windows, CPU-only installs)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is not installed
+    triton = None
+    tl = None
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_grid_sample", "MSDeformAttn", "flatten_levels"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                   backend="auto"):
+    """Multi-scale deformable attention; returns [B, Q, H*C] in value's dtype (see module docstring)."""
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    backend = _resolve_backend(backend, value)
+    spatial_shapes = spatial_shapes.to(value.device).contiguous()
+    level_start_index = level_start_index.to(value.device).contiguous()
+    if backend == "triton":
+        return _TritonMSDA.apply(value, spatial_shapes, level_start_index, sampling_locations,
+                                 attention_weights)
+    return _TorchMSDA.apply(value, spatial_shapes, level_start_index, sampling_locations,
+                            attention_weights)
+
+
+def _resolve_backend(backend, value):
+    """Returns "triton" or "torch" for the requested backend and the tensors' device."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f'backend: expected "auto", "triton" or "torch", got {backend!r}')
+    if backend == "auto":
+        return "triton" if (value.is_cuda and triton is not None) else "torch"
+    if backend == "triton" and triton is None:
+        raise ValueError('backend: "triton" was requested but triton is not installed; use "torch"')
+    return backend
+
+
+def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Raises ValueError naming the argument and the expected shape/dtype for any malformed input."""
+    args = dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+                sampling_locations=sampling_locations, attention_weights=attention_weights)
+    for name, t in args.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    for name in ("value", "sampling_locations", "attention_weights"):
+        if args[name].dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, "
+                             f"got {args[name].dtype}")
+    if value.dim() != 4:
+        raise ValueError(f"value: expected shape [B, S, H, C], got {list(value.shape)}")
+    B, S, H, C = value.shape
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.shape[0] == 0:
+        raise ValueError(f"spatial_shapes: expected shape [L, 2] (H_l, W_l) with L >= 1, "
+                         f"got {list(spatial_shapes.shape)}")
+    if spatial_shapes.dtype != torch.int64:
+        raise ValueError(f"spatial_shapes: expected an int64 tensor [L, 2], got {spatial_shapes.dtype}")
+    L = spatial_shapes.shape[0]
+    if level_start_index.shape != (L,) or level_start_index.dtype != torch.int64:
+        raise ValueError(f"level_start_index: expected an int64 tensor of shape [L] = [{L}], "
+                         f"got {level_start_index.dtype} {list(level_start_index.shape)}")
+    loc = sampling_locations
+    if loc.dim() != 6 or loc.shape[0] != B or loc.shape[2] != H or loc.shape[3] != L or loc.shape[5] != 2:
+        raise ValueError(f"sampling_locations: expected shape [B, Q, H, L, P, 2] = "
+                         f"[{B}, Q, {H}, {L}, P, 2], got {list(loc.shape)}")
+    Q, P = loc.shape[1], loc.shape[4]
+    if tuple(attention_weights.shape) != (B, Q, H, L, P):
+        raise ValueError(f"attention_weights: expected shape [B, Q, H, L, P] = [{B}, {Q}, {H}, {L}, {P}] "
+                         f"(matching sampling_locations), got {list(attention_weights.shape)}")
+    for name in ("sampling_locations", "attention_weights", "spatial_shapes", "level_start_index"):
+        if args[name].device != value.device and not (args[name].device.type == "cpu" and
+                                                      name in ("spatial_shapes", "level_start_index")):
+            raise ValueError(f"{name}: expected a tensor on {value.device} (value's device), "
+                             f"got {args[name].device}")
+    # Checking the contents needs them on the host; on a GPU that would be a sync per call, so
+    # shapes passed on the GPU (flatten_levels does, consistently by construction) are trusted.
+    if spatial_shapes.device.type == "cpu":
+        if bool((spatial_shapes <= 0).any()):
+            raise ValueError(f"spatial_shapes: expected positive (H_l, W_l), got {spatial_shapes.tolist()}")
+        sizes = spatial_shapes.prod(1)
+        if int(sizes.sum()) != S:
+            raise ValueError(f"value: expected S = sum_l H_l*W_l = {int(sizes.sum())} rows for "
+                             f"spatial_shapes {spatial_shapes.tolist()}, got S = {S}")
+        if level_start_index.device.type == "cpu":
+            starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+            if not torch.equal(level_start_index, starts):
+                raise ValueError(f"level_start_index: expected {starts.tolist()} (exclusive cumsum of "
+                                 f"H_l*W_l), got {level_start_index.tolist()}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline: the per-level grid_sample formulation (Deformable DETR's ms_deform_attn_core_pytorch)
+# ----------------------------------------------------------------------------------------------
+
+def ms_deform_attn_grid_sample(value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights):
+    """The grid_sample formulation of MSDA: slow (it transposes every level to [B*H, C, H_l, W_l] and
+    expands the samples to [B*H, C, Q, L*P]) but obviously right; the bench measures against it."""
+    B, S, H, C = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    grids = 2 * sampling_locations - 1                     # grid_sample wants [-1, 1]
+    sampled = []
+    for l, (value_l, (h_l, w_l)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes.tolist())):
+        value_l = value_l.flatten(2).transpose(1, 2).reshape(B * H, C, h_l, w_l)
+        grid_l = grids[:, :, :, l].transpose(1, 2).flatten(0, 1)               # [B*H, Q, P, 2]
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))                     # [B*H, C, Q, P]
+    weights = attention_weights.transpose(1, 2).reshape(B * H, 1, Q, L * P)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)         # [B*H, C, Q]
+    return out.view(B, H * C, Q).transpose(1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch path
+# ----------------------------------------------------------------------------------------------
+#
+# Every sample (b, q, h, l, p) reads 4 corner rows of the flattened value map viewed as
+# [B*S*H, C]; with the bilinear and attention weights folded into one weight per corner ("tap"),
+# a row (b, q, h) of the output is a weighted sum of K = 4*L*P value rows:
+#     out[r] = sum_k w[r, k] * V[idx[r, k]]        i.e. out = A @ V with A sparse [B*Q*H, B*S*H].
+# Forward:  F.embedding_bag(idx, V, per_sample_weights=w, mode="sum") -- a fused gather + weighted sum
+#           that never materialises the [R, K, C] gathered tensor.
+# Backward: dL/dV = A^T @ g           one index_add_ of w * g into the value rows;
+#           dL/dw[r, k] = <g[r], V[idx[r, k]]>   a sampled dense-dense product (torch.sparse.sampled_addmm
+#                                     on CPU, gather + dot elsewhere);
+#           dL/dattention and dL/dlocation follow from dL/dw by the chain rule through the bilinear
+#           weights (a handful of elementwise ops on [R, L, P, 2, 2]).
+# The rows are processed in chunks so every temporary stays small (cache-resident, and reused by the
+# allocator instead of page-faulted in fresh every call -- which on CPU costs as much as the maths).
+
+_CPU_TAPS_PER_CHUNK = 1 << 15
+_GPU_TAPS_PER_CHUNK = 1 << 22
+
+
+class _LevelGeometry:
+    """Per-level constants of the flattened value map, shaped to broadcast against [n, L, P, ...]."""
+
+    def __init__(self, spatial_shapes, level_start_index, B, S, H, dtype):
+        L = spatial_shapes.shape[0]
+        # Clamped coordinates stay within [-2, W+1]; the largest |row| is then below (B+3)*S*H + 2H,
+        # so 32-bit indices suffice unless that reaches 2^31 (64-bit offsets otherwise).
+        self.index_dtype = torch.int32 if (B + 3) * S * H + 2 * H < 2 ** 31 else torch.int64
+        wh = spatial_shapes.flip(-1)                                          # [L, 2] (W_l, H_l)
+        self.size = wh.to(dtype).view(L, 1, 2)                                # pixel scale of x, y
+        self.hi = (wh + 1).to(dtype).view(L, 1, 2)                            # clamp bound (W+1, H+1)
+        self.lim = wh.to(self.index_dtype).view(L, 1, 2, 1)                   # corner in-range bound
+        width = wh[:, 0].to(self.index_dtype).view(L, 1)
+        self.start = level_start_index.to(self.index_dtype).view(L, 1)
+        self.width = width
+        # row offsets of the corners (y0,x0) (y0,x0+1) (y0+1,x0) (y0+1,x0+1) from the first one
+        self.corner = (torch.stack([torch.zeros_like(width), torch.ones_like(width), width, width + 1],
+                                   -1) * H).view(L, 1, 4)
+        self.num_rows = B * S * H
+        self.H, self.S = H, S
+
+
+def _bilinear_taps(geo, loc, attn, rows, QH, with_grad_terms=False):
+    """Corner rows and folded weights of the samples of `rows` (a range of flattened (b, q, h)).
+
+    loc [n, L, P, 2], attn [n, L, P] -> idx [n, K] (rows of V, clamped into range), w [n, K]
+    (zero for corners outside the map), K = 4*L*P; with_grad_terms also returns the per-axis
+    bilinear weights and their derivatives needed by the backward.
+    """
+    n = loc.shape[0]
+    # pixel coordinates (x, y); points far outside are clamped to where all 4 corners are outside,
+    # which keeps both value and gradient exactly zero there and the indices small
+    xy = torch.addcmul(torch.full((), -0.5, dtype=loc.dtype, device=loc.device), loc, geo.size)
+    xy = torch.maximum(torch.minimum(xy, geo.hi), xy.new_full((), -2.0))       # [n, L, P, 2]
+    xy0 = xy.floor()
+    frac = xy - xy0
+    i0 = xy0.to(geo.index_dtype)
+    neighbour = i0.unsqueeze(-1) + torch.tensor([0, 1], dtype=geo.index_dtype, device=loc.device)
+    inside = (neighbour >= 0) & (neighbour < geo.lim)                          # [n, L, P, 2(axis), 2]
+    tent = torch.stack([1 - frac, frac], -1) * inside                         # per-axis bilinear weights
+    wx, wy = tent.unbind(-2)                                                   # [n, L, P, 2]
+    w = (wy * attn.unsqueeze(-1)).unsqueeze(-1) * wx.unsqueeze(-2)             # [n, L, P, 2(y), 2(x)]
+    r = torch.arange(rows.start, rows.stop, device=loc.device, dtype=geo.index_dtype)
+    row_base = (r // QH) * (geo.S * geo.H) + r % geo.H                         # (b*S)*H + h
+    first = row_base.view(n, 1, 1) + (geo.start + i0[..., 1] * geo.width + i0[..., 0]) * geo.H
+    idx = (first.unsqueeze(-1) + geo.corner).clamp_(0, geo.num_rows - 1)       # [n, L, P, 4]
+    if not with_grad_terms:
+        return idx.view(n, -1), w.view(n, -1)
+    slope = inside * torch.tensor([-1, 1], dtype=loc.dtype, device=loc.device)  # d tent / d frac
+    dx, dy = slope.unbind(-2)
+    return idx.view(n, -1), w.view(n, -1), wx, wy, dx, dy
+
+
+def _row_chunks(R, K, device):
+    """Ranges of output rows processed together, sized so the per-chunk taps stay cache-sized on CPU."""
+    taps = _CPU_TAPS_PER_CHUNK if device.type == "cpu" else _GPU_TAPS_PER_CHUNK
+    step = max(1, taps // K)
+    return [range(r, min(r + step, R)) for r in range(0, R, step)]
+
+
+def _compute_dtype(*tensors):
+    """float64 if any input is float64, else float32: the PyTorch path always accumulates in fp32+."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _torch_forward(value, spatial_shapes, level_start_index, loc, attn):
+    """out [B, Q, H*C] (compute dtype) of the PyTorch path."""
+    B, S, H, C = value.shape
+    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    dtype = _compute_dtype(value, loc, attn)
+    R, K = B * Q * H, 4 * L * P
+    geo = _LevelGeometry(spatial_shapes, level_start_index, B, S, H, dtype)
+    table = value.to(dtype).reshape(B * S * H, C)                              # rows (b, s, h)
+    loc = loc.to(dtype).reshape(R, L, P, 2)
+    attn = attn.to(dtype).reshape(R, L, P)
+    chunks = _row_chunks(R, K, value.device)
+    out = None if len(chunks) == 1 else table.new_empty(R, C)
+    for rows in chunks:
+        idx, w = _bilinear_taps(geo, loc[rows.start:rows.stop], attn[rows.start:rows.stop], rows, Q * H)
+        part = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")   # [n, C]
+        if out is None:
+            out = part
+        else:
+            out[rows.start:rows.stop] = part
+    return out.view(B, Q, H * C)
+
+
+def _tap_grads(table, idx, w, grad_rows):
+    """dL/dw[r, k] = <grad_rows[r], table[idx[r, k]]>  ->  [n, K]  (w only lends its storage)."""
+    n, K = idx.shape
+    if table.device.type == "cpu":
+        # sampled dense-dense product: the dot products without materialising the [n, K, C] gather
+        crow = torch.arange(0, n * K + 1, K, dtype=idx.dtype, device=idx.device)
+        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), w.reshape(-1),
+                                          size=(n, table.shape[0]), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, grad_rows, table.t(), beta=0.0).values().view(n, K)
+    return torch.bmm(table[idx.reshape(-1)].view(n, K, -1), grad_rows.unsqueeze(-1)).view(n, K)
+
+
+def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_out, needs):
+    """(grad value, grad loc, grad attn) of the PyTorch path, None where not needed."""
+    B, S, H, C = value.shape
+    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    dtype = _compute_dtype(value, loc, attn)
+    R, K = B * Q * H, 4 * L * P
+    geo = _LevelGeometry(spatial_shapes, level_start_index, B, S, H, dtype)
+    table = value.to(dtype).reshape(B * S * H, C)
+    loc_r = loc.to(dtype).reshape(R, L, P, 2)
+    attn_r = attn.to(dtype).reshape(R, L, P)
+    grad_rows = grad_out.to(dtype).reshape(R, C)
+    need_value, need_taps = needs[0], needs[3] or needs[4]
+    grad_table = torch.zeros_like(table) if need_value else None
+    grad_loc = loc_r.new_empty(R, L, P, 2) if need_taps else None
+    grad_attn = attn_r.new_empty(R, L, P) if need_taps else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+        for rows in _row_chunks(R, K, value.device):
+            lo, hi = rows.start, rows.stop
+            idx, w, wx, wy, dx, dy = _bilinear_taps(geo, loc_r[lo:hi], attn_r[lo:hi], rows, Q * H, True)
+            g = grad_rows[lo:hi]                                               # [n, C]
+            if need_value:                                                     # dL/dV = A^T g
+                grad_table.index_add_(0, idx.view(-1), (w.unsqueeze(-1) * g.unsqueeze(1)).view(-1, C))
+            if need_taps:
+                gw = _tap_grads(table, idx, w, g).view(-1, L, P, 2, 2)            # dL/dw, (y, x) corners
+                a = attn_r[lo:hi]
+                per_y = (gw * wx.unsqueeze(-2)).sum(-1)                        # [n, L, P, 2] sum over x
+                per_x = (gw * wy.unsqueeze(-1)).sum(-2)                        # sum over y
+                grad_attn[lo:hi] = (per_y * wy).sum(-1)                        # w = a * wy * wx
+                g_frac = torch.stack([(per_x * dx).sum(-1), (per_y * dy).sum(-1)], -1)
+                grad_loc[lo:hi] = g_frac * (a.unsqueeze(-1) * geo.size)        # d frac / d loc = W, H
+    return (grad_table.view(B, S, H, C).to(value.dtype) if need_value else None,
+            grad_loc.view(loc.shape).to(loc.dtype) if need_taps else None,
+            grad_attn.view(attn.shape).to(attn.dtype) if need_taps else None)
+
+
+class _TorchMSDA(torch.autograd.Function):
+    """PyTorch path with a hand-written first-order backward (no double backward)."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, loc, attn):
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, loc, attn)
+        B, Q, H, C = value.shape[0], loc.shape[1], value.shape[2], value.shape[3]
+        if B * Q * H * C == 0:
+            return value.new_zeros(B, Q, H * C)
+        return _torch_forward(value, spatial_shapes, level_start_index, loc, attn).to(value.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        value, spatial_shapes, level_start_index, loc, attn = ctx.saved_tensors
+        if grad_out.numel() == 0:
+            return torch.zeros_like(value), None, None, torch.zeros_like(loc), torch.zeros_like(attn)
+        gv, gl, ga = _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_out,
+                                     ctx.needs_input_grad)
+        return gv, None, None, gl, ga
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton path
+# ----------------------------------------------------------------------------------------------
+#
+# One program handles BLOCK_Q queries of one (batch, head) and a block of channels: it walks the
+# L*P samples of those queries, computes the 4 corners of each, and gathers/accumulates [BLOCK_Q,
+# BLOCK_C] tiles whose channel axis is contiguous in memory (coalesced rows). All arithmetic is fp32;
+# every offset is formed in int64 (so tensors past 2^31 elements are fine); inputs are addressed
+# through their strides (no .contiguous() copies). The backward owns its queries' location/attention
+# gradients (all channels are summed inside one program, no atomics) and scatters the value gradient
+# with fp32 atomics into a zeroed buffer; neither kernel is autotuned (re-running an atomic kernel
+# for timing would double-count), block sizes come from `_triton_blocks`.
+
+if triton is not None:
+
+    @triton.jit
+    def _msda_corners(x_norm, y_norm, h_l, w_l):
+        """Bilinear geometry of one sample: integer corner (x0, y0) and fractions (fx, fy)."""
+        x = x_norm * w_l.to(tl.float32) - 0.5
+        y = y_norm * h_l.to(tl.float32) - 0.5
+        # clamp far-away points to where all corners are outside: keeps int32 casts in range
+        x = tl.minimum(tl.maximum(x, -2.0), w_l.to(tl.float32) + 1.0)
+        y = tl.minimum(tl.maximum(y, -2.0), h_l.to(tl.float32) + 1.0)
+        x0f = tl.floor(x)
+        y0f = tl.floor(y)
+        return x0f.to(tl.int32), y0f.to(tl.int32), x - x0f, y - y0f
+
+    @triton.jit
+    def _msda_corner_rows(x0, y0, h_l, w_l, start, q_ok):
+        """Spatial rows (int64, into S) and in-map masks of the corners (y0,x0) (y0,x0+1) (y0+1,x0) (y0+1,x0+1)."""
+        x1 = x0 + 1
+        y1 = y0 + 1
+        okx0 = (x0 >= 0) & (x0 < w_l)
+        okx1 = (x1 >= 0) & (x1 < w_l)
+        oky0 = q_ok & (y0 >= 0) & (y0 < h_l)
+        oky1 = q_ok & (y1 >= 0) & (y1 < h_l)
+        row00 = start + y0.to(tl.int64) * w_l + x0
+        return (row00, row00 + 1, row00 + w_l, row00 + w_l + 1,
+                oky0 & okx0, oky0 & okx1, oky1 & okx0, oky1 & okx1)
+
+    @triton.jit
+    def _msda_fwd_kernel(
+        value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
+        Q, H, C,
+        v_sb, v_ss, v_sh, v_sc,
+        l_sb, l_sq, l_sh, l_sl, l_sp, l_sxy,
+        a_sb, a_sq, a_sh, a_sl, a_sp,
+        o_sb, o_sq, o_sh,
+        L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        pid_q = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        pid_c = tl.program_id(2)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        q_ok = q < Q
+        c_ok = c < C
+        q64 = q.to(tl.int64)
+        value_head = value_ptr + b * v_sb + h * v_sh + c.to(tl.int64)[None, :] * v_sc   # [1, BLOCK_C]
+        loc_q = loc_ptr + b * l_sb + h * l_sh + q64 * l_sq                                # [BLOCK_Q]
+        attn_q = attn_ptr + b * a_sb + h * a_sh + q64 * a_sq
+        acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=tl.float32)
+        for l in tl.static_range(L):
+            h_l = tl.load(shapes_ptr + 2 * l)
+            w_l = tl.load(shapes_ptr + 2 * l + 1)
+            start = tl.load(starts_ptr + l)
+            for p in tl.static_range(P):
+                x_n = tl.load(loc_q + l * l_sl + p * l_sp, mask=q_ok, other=0.0).to(tl.float32)
+                y_n = tl.load(loc_q + l * l_sl + p * l_sp + l_sxy, mask=q_ok, other=0.0).to(tl.float32)
+                a = tl.load(attn_q + l * a_sl + p * a_sp, mask=q_ok, other=0.0).to(tl.float32)
+                x0, y0, fx, fy = _msda_corners(x_n, y_n, h_l, w_l)
+                r00, r01, r10, r11, m00, m01, m10, m11 = _msda_corner_rows(x0, y0, h_l, w_l, start, q_ok)
+                v00 = tl.load(value_head + r00[:, None] * v_ss, mask=m00[:, None] & c_ok[None, :], other=0.0)
+                v01 = tl.load(value_head + r01[:, None] * v_ss, mask=m01[:, None] & c_ok[None, :], other=0.0)
+                v10 = tl.load(value_head + r10[:, None] * v_ss, mask=m10[:, None] & c_ok[None, :], other=0.0)
+                v11 = tl.load(value_head + r11[:, None] * v_ss, mask=m11[:, None] & c_ok[None, :], other=0.0)
+                top = v00.to(tl.float32) * (1.0 - fx)[:, None] + v01.to(tl.float32) * fx[:, None]
+                bottom = v10.to(tl.float32) * (1.0 - fx)[:, None] + v11.to(tl.float32) * fx[:, None]
+                acc += (top * (1.0 - fy)[:, None] + bottom * fy[:, None]) * a[:, None]
+        out = out_ptr + b * o_sb + h * o_sh + q64[:, None] * o_sq + c[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & c_ok[None, :])
+
+    @triton.jit
+    def _msda_bwd_corner(value_head, grad_head, v_ss, g_ss, row, ok, c_ok, g, weight):
+        """Scatters weight*g into the value gradient at one corner; returns <g, value corner> per query."""
+        mask = ok[:, None] & c_ok[None, :]
+        v = tl.load(value_head + row[:, None] * v_ss, mask=mask, other=0.0).to(tl.float32)
+        tl.atomic_add(grad_head + row[:, None] * g_ss, g * weight[:, None], mask=mask, sem="relaxed")
+        return tl.sum(v * g, axis=1)
+
+    @triton.jit
+    def _msda_bwd_kernel(
+        value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
+        grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
+        Q, H, C,
+        v_sb, v_ss, v_sh, v_sc,
+        l_sb, l_sq, l_sh, l_sl, l_sp, l_sxy,
+        a_sb, a_sq, a_sh, a_sl, a_sp,
+        go_sb, go_sq, go_sh, go_sc,
+        gv_sb, gv_ss, gv_sh,
+        L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+        NUM_C_BLOCKS: tl.constexpr,
+    ):
+        pid_q = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_ok = q < Q
+        q64 = q.to(tl.int64)
+        loc_q = loc_ptr + b * l_sb + h * l_sh + q64 * l_sq
+        attn_q = attn_ptr + b * a_sb + h * a_sh + q64 * a_sq
+        go_q = grad_out_ptr + b * go_sb + h * go_sh + q64 * go_sq                  # [BLOCK_Q]
+        # location/attention gradients are written contiguously as [B, Q, H, L, P, (2)]
+        sample_q = ((b * Q + q64) * H + h) * (L * P)
+        for l in tl.static_range(L):
+            h_l = tl.load(shapes_ptr + 2 * l)
+            w_l = tl.load(shapes_ptr + 2 * l + 1)
+            start = tl.load(starts_ptr + l)
+            for p in tl.static_range(P):
+                x_n = tl.load(loc_q + l * l_sl + p * l_sp, mask=q_ok, other=0.0).to(tl.float32)
+                y_n = tl.load(loc_q + l * l_sl + p * l_sp + l_sxy, mask=q_ok, other=0.0).to(tl.float32)
+                a = tl.load(attn_q + l * a_sl + p * a_sp, mask=q_ok, other=0.0).to(tl.float32)
+                x0, y0, fx, fy = _msda_corners(x_n, y_n, h_l, w_l)
+                r00, r01, r10, r11, m00, m01, m10, m11 = _msda_corner_rows(x0, y0, h_l, w_l, start, q_ok)
+                w00 = a * (1.0 - fy) * (1.0 - fx)
+                w01 = a * (1.0 - fy) * fx
+                w10 = a * fy * (1.0 - fx)
+                w11 = a * fy * fx
+                # <grad_out, corner value>: the gradient of the output w.r.t. each folded tap weight
+                d00 = tl.zeros([BLOCK_Q], dtype=tl.float32)
+                d01 = tl.zeros([BLOCK_Q], dtype=tl.float32)
+                d10 = tl.zeros([BLOCK_Q], dtype=tl.float32)
+                d11 = tl.zeros([BLOCK_Q], dtype=tl.float32)
+                for cb in tl.static_range(NUM_C_BLOCKS):
+                    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+                    c_ok = c < C
+                    c64 = c.to(tl.int64)[None, :]
+                    g = tl.load(go_q[:, None] + c64 * go_sc, mask=q_ok[:, None] & c_ok[None, :],
+                                other=0.0).to(tl.float32)
+                    value_head = value_ptr + b * v_sb + h * v_sh + c64 * v_sc
+                    grad_head = grad_value_ptr + b * gv_sb + h * gv_sh + c64
+                    d00 += _msda_bwd_corner(value_head, grad_head, v_ss, gv_ss, r00, m00, c_ok, g, w00)
+                    d01 += _msda_bwd_corner(value_head, grad_head, v_ss, gv_ss, r01, m01, c_ok, g, w01)
+                    d10 += _msda_bwd_corner(value_head, grad_head, v_ss, gv_ss, r10, m10, c_ok, g, w10)
+                    d11 += _msda_bwd_corner(value_head, grad_head, v_ss, gv_ss, r11, m11, c_ok, g, w11)
+                # out = a * sum_corners bilinear * v; masked (outside) corners contributed d = 0
+                g_attn = (1.0 - fy) * ((1.0 - fx) * d00 + fx * d01) + fy * ((1.0 - fx) * d10 + fx * d11)
+                g_fx = a * ((1.0 - fy) * (d01 - d00) + fy * (d11 - d10))
+                g_fy = a * ((1.0 - fx) * (d10 - d00) + fx * (d11 - d01))
+                sample = sample_q + (l * P + p)
+                tl.store(grad_attn_ptr + sample, g_attn, mask=q_ok)
+                tl.store(grad_loc_ptr + 2 * sample, g_fx * w_l.to(tl.float32), mask=q_ok)
+                tl.store(grad_loc_ptr + 2 * sample + 1, g_fy * h_l.to(tl.float32), mask=q_ok)
+
+
+def _triton_blocks(B, Q, H, C, device):
+    """(BLOCK_Q, BLOCK_C, num_warps): channel tiles up to 64 wide; query tiles shrink until the grid
+    has at least ~2 programs per SM (the decoder's Q=200, B*H=16 would otherwise fill 64 programs)."""
+    block_c = min(64, triton.next_power_of_2(max(C, 1)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    block_q = 64
+    while block_q > 16 and B * H * triton.cdiv(Q, block_q) < 2 * sms:
+        block_q //= 2
+    num_warps = 4 if block_q * block_c >= 2048 else 2
+    return block_q, block_c, num_warps
+
+
+def _device_guard(device):
+    """Launches must happen on the tensors' own GPU (else the kernel silently writes zeros)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def _triton_forward(value, spatial_shapes, level_start_index, loc, attn):
+    B, S, H, C = value.shape
+    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    out = value.new_empty(B, Q, H, C)
+    block_q, block_c, num_warps = _triton_blocks(B, Q, H, C, value.device)
+    grid = (triton.cdiv(Q, block_q), B * H, triton.cdiv(C, block_c))
+    with _device_guard(value.device):
+        _msda_fwd_kernel[grid](
+            value, spatial_shapes, level_start_index, loc, attn, out,
+            Q, H, C, *value.stride(), *loc.stride(), *attn.stride(), *out.stride()[:3],
+            L=L, P=P, BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=num_warps)
+    return out.view(B, Q, H * C)
+
+
+def _triton_backward(value, spatial_shapes, level_start_index, loc, attn, grad_out):
+    B, S, H, C = value.shape
+    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    grad_out = grad_out.reshape(B, Q, H, C)        # may stay strided: addressed by strides
+    # fp32 accumulation buffers: atomics need a zeroed target, fp16/bf16 atomics would lose mass
+    grad_value = torch.zeros(B, S, H, C, dtype=torch.float32, device=value.device)
+    grad_loc = torch.empty(B, Q, H, L, P, 2, dtype=torch.float32, device=value.device)
+    grad_attn = torch.empty(B, Q, H, L, P, dtype=torch.float32, device=value.device)
+    block_q, block_c, num_warps = _triton_blocks(B, Q, H, C, value.device)
+    grid = (triton.cdiv(Q, block_q), B * H)
+    with _device_guard(value.device):
+        _msda_bwd_kernel[grid](
+            value, spatial_shapes, level_start_index, loc, attn, grad_out,
+            grad_value, grad_loc, grad_attn,
+            Q, H, C, *value.stride(), *loc.stride(), *attn.stride(), *grad_out.stride(),
+            *grad_value.stride()[:3],
+            L=L, P=P, BLOCK_Q=block_q, BLOCK_C=block_c, NUM_C_BLOCKS=triton.cdiv(C, block_c),
+            num_warps=num_warps)
+    return grad_value.to(value.dtype), grad_loc.to(loc.dtype), grad_attn.to(attn.dtype)
+
+
+class _TritonMSDA(torch.autograd.Function):
+    """Triton forward/backward kernels (first order only)."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, loc, attn):
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, loc, attn)
+        B, Q, H, C = value.shape[0], loc.shape[1], value.shape[2], value.shape[3]
+        if B * Q * H * C == 0:
+            return value.new_zeros(B, Q, H * C)
+        return _triton_forward(value, spatial_shapes, level_start_index, loc, attn)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        value, spatial_shapes, level_start_index, loc, attn = ctx.saved_tensors
+        if grad_out.numel() == 0:
+            return torch.zeros_like(value), None, None, torch.zeros_like(loc), torch.zeros_like(attn)
+        gv, gl, ga = _triton_backward(value, spatial_shapes, level_start_index, loc, attn, grad_out)
+        return gv, None, None, gl, ga
+
+
+# ----------------------------------------------------------------------------------------------
+# Module
+# ----------------------------------------------------------------------------------------------
+
+def flatten_levels(features):
+    """List of L feature maps [B, C, H_l, W_l] -> (value_input [B, S, C], spatial_shapes [L, 2] int64,
+    level_start_index [L] int64), levels concatenated row-major in the given order; the index tensors
+    live on the features' device (as the Triton kernels read them there)."""
+    if not features:
+        raise ValueError("features: expected a non-empty list of [B, C, H_l, W_l] tensors")
+    for i, f in enumerate(features):
+        if f.dim() != 4 or f.shape[:2] != features[0].shape[:2]:
+            raise ValueError(f"features[{i}]: expected shape [B, C, H_l, W_l] = "
+                             f"[{features[0].shape[0]}, {features[0].shape[1]}, H_l, W_l], got {list(f.shape)}")
+    device = features[0].device
+    value_input = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)   # [B, S, C]
+    spatial_shapes = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.int64, device=device)
+    sizes = spatial_shapes.prod(1)
+    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    return value_input, spatial_shapes, level_start_index
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module of Deformable DETR (Zhu et al. 2021, Eq. 3).
+
+    Each query predicts, per head/level/point, a sampling offset (relative to its reference point or
+    box) and an attention weight (softmax over the L*P samples of a head); the output is the
+    projected sum of the sampled, projected values. `backend` ("auto" | "triton" | "torch") is a
+    plain attribute passed to `ms_deform_attn`.
+    """
+
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model: expected a multiple of n_heads={n_heads}, got {d_model}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.backend = "auto"
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Deformable DETR's initialisation: zero offset weights with a bias that points head h in
+        direction 2*pi*h/n_heads (scaled onto the unit square's border) and point p at distance p+1
+        pixels on every level; zero attention projection (so uniform weights 1/(L*P) at init);
+        xavier-uniform value/output projections with zero biases."""
+        H, L, P = self.n_heads, self.n_levels, self.n_points
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(H, dtype=torch.float32) * (2.0 * math.pi / H)
+        direction = torch.stack([theta.cos(), theta.sin()], -1)                # [H, 2]
+        direction = direction / direction.abs().max(-1, keepdim=True).values    # on the square's border
+        scale = torch.arange(1, P + 1, dtype=torch.float32).view(1, 1, P, 1)
+        grid = direction.view(H, 1, 1, 2) * scale                              # [H, 1, P, 2]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.expand(H, L, P, 2).reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query, reference_points, value_input, spatial_shapes, level_start_index,
+                padding_mask=None, return_sampling=False):
+        """query [B, Q, D]; reference_points [B, Q, L, 2] (x, y) or [B, Q, L, 4] (cx, cy, w, h),
+        normalised to [0, 1]; value_input [B, S, D]; padding_mask [B, S] bool (True = padding) or None.
+        Returns out [B, Q, D], plus (sampling_locations [B, Q, H, L, P, 2], attention_weights
+        [B, Q, H, L, P]) when return_sampling=True."""
+        H, L, P, D = self.n_heads, self.n_levels, self.n_points, self.d_model
+        if query.dim() != 3 or query.shape[-1] != D:
+            raise ValueError(f"query: expected shape [B, Q, {D}], got {list(query.shape)}")
+        B, Q = query.shape[:2]
+        if value_input.dim() != 3 or value_input.shape[0] != B or value_input.shape[-1] != D:
+            raise ValueError(f"value_input: expected shape [{B}, S, {D}], got {list(value_input.shape)}")
+        S = value_input.shape[1]
+        if reference_points.shape[:3] != (B, Q, L) or reference_points.shape[-1] not in (2, 4) \
+                or reference_points.dim() != 4:
+            raise ValueError(f"reference_points: expected shape [{B}, {Q}, {L}, 2] or [{B}, {Q}, {L}, 4], "
+                             f"got {list(reference_points.shape)}")
+        if spatial_shapes.shape != (L, 2):
+            raise ValueError(f"spatial_shapes: expected shape [n_levels, 2] = [{L}, 2], "
+                             f"got {list(spatial_shapes.shape)}")
+        if padding_mask is not None and (padding_mask.shape != (B, S) or padding_mask.dtype != torch.bool):
+            raise ValueError(f"padding_mask: expected a bool tensor [{B}, {S}], "
+                             f"got {padding_mask.dtype} {list(padding_mask.shape)}")
+
+        value = self.value_proj(value_input)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)               # padded pixels read 0
+        value = value.view(B, S, H, D // H)
+        offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
+        weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+        ref = reference_points[:, :, None, :, None, :]                            # [B, Q, 1, L, 1, 2|4]
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: normalise by (W_l, H_l)
+            wh = spatial_shapes.flip(-1).to(offsets.dtype)                        # [L, 2]
+            locations = ref + offsets / wh[None, None, None, :, None, :]
+        else:
+            # offsets are relative to the box: P points spread over half its width/height
+            locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, self.backend)
+        out = self.output_proj(out)
+        return (out, locations, weights) if return_sampling else out
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: benchmark and ahead-of-time compile check
+# ----------------------------------------------------------------------------------------------
+
+def _bench_sizes(device):
+    """name -> (B, Q or None for Q = S, H, C, P, level shapes); levels at strides 8..64."""
+    def levels(px):
+        return [(math.ceil(px / s), math.ceil(px / s)) for s in (8, 16, 32, 64)]
+    sizes = {
+        "decoder": (2, 200, 8, 32, 4, [(100, 167), (50, 84), (25, 42), (13, 21)]),
+        "encoder-128px": (8, None, 8, 32, 4, levels(128)),
+        "encoder-512px": (2, None, 8, 32, 4, levels(512)),
+    }
+    if device.type == "cuda":   # the size published Triton MSDA kernels report (B=4, Q=300)
+        sizes["decoder-B4Q300"] = (4, 300, 8, 32, 4, [(100, 167), (50, 84), (25, 42), (13, 21)])
+    return sizes
+
+
+def _bench_inputs(size, device, dtype, seed=0):
+    B, Q, H, C, P, shapes = size
+    gen = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
+    S = int(spatial_shapes.prod(1).sum())
+    Q = S if Q is None else Q
+    L = len(shapes)
+    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+    value = torch.randn(B, S, H, C, generator=gen)
+    loc = torch.rand(B, Q, H, L, P, 2, generator=gen) * 1.1 - 0.05
+    attn = torch.rand(B, Q, H, L, P, generator=gen).softmax(-1)
+    return ([t.to(device, dtype) for t in (value,)] + [spatial_shapes.to(device), level_start_index.to(device)]
+            + [t.to(device, dtype) for t in (loc, attn)])
+
+
+def _median_ms(fn, device, runs, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _bench_one(impl, inputs, device, runs):
+    """(fwd ms, fwd+bwd ms, peak MiB or None) of impl(value, shapes, starts, loc, attn)."""
+    value, shapes, starts, loc, attn = inputs
+    leaves = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
+    grad = None
+
+    def fwd():
+        with torch.no_grad():
+            impl(value, shapes, starts, loc, attn)
+
+    def fwd_bwd():
+        nonlocal grad
+        out = impl(leaves[0], shapes, starts, leaves[1], leaves[2])
+        grad = torch.ones_like(out) if grad is None else grad
+        torch.autograd.grad(out, leaves, grad)
+
+    t_fwd = _median_ms(fwd, device, runs)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fwd_bwd()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    t_fb = _median_ms(fwd_bwd, device, runs)
+    return t_fwd, t_fb, peak
+
+
+def _bench(runs):
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"torch {torch.__version__}, triton {getattr(triton, '__version__', 'absent')}, "
+          f"CPU threads {torch.get_num_threads()}"
+          + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
+    print("median ms over", runs, "runs after warm-up; ratio = grid_sample time / this time (same run)")
+    header = f"{'device':6} {'dtype':8} {'size':16} {'impl':11} {'fwd ms':>9} {'x':>6} {'fwd+bwd ms':>11} {'x':>6}"
+    print(header + ("  peak MiB" if torch.cuda.is_available() else ""))
+    for device in devices:
+        dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
+        impls = {"grid_sample": ms_deform_attn_grid_sample,
+                 "torch": lambda *a: ms_deform_attn(*a, backend="torch")}
+        if device.type == "cuda" and triton is not None:
+            impls["triton"] = lambda *a: ms_deform_attn(*a, backend="triton")
+        for dtype in dtypes:
+            for name, size in _bench_sizes(device).items():
+                inputs = _bench_inputs(size, device, dtype)
+                base = None
+                for impl_name, impl in impls.items():
+                    f, fb, peak = _bench_one(impl, inputs, device, runs)
+                    base = base or (f, fb)
+                    line = (f"{device.type:6} {str(dtype)[6:]:8} {name:16} {impl_name:11} {f:9.2f} "
+                            f"{base[0] / f:6.2f} {fb:11.2f} {base[1] / fb:6.2f}")
+                    print(line + (f"  {peak:8.1f}" if peak is not None else ""), flush=True)
+
+
+def _compile_check(arch=90):
+    """Compiles both Triton kernels ahead of time for sm_<arch> (no GPU needed); returns
+    {kernel: (ptx chars, cubin bytes)}."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if not hasattr(_msda_fwd_kernel, "arg_names"):
+        raise RuntimeError("unset TRITON_INTERPRET to compile the kernels ahead of time")
+    target = GPUTarget("cuda", arch, 32)
+    result = {}
+    for kernel, consts in ((_msda_fwd_kernel, dict(L=4, P=4, BLOCK_Q=64, BLOCK_C=32)),
+                           (_msda_bwd_kernel, dict(L=4, P=4, BLOCK_Q=64, BLOCK_C=32, NUM_C_BLOCKS=1))):
+        signature = {}
+        for name in kernel.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                # value/grad_out fp16 (exercises the low-precision loads), index tensors int64, the rest fp32
+                signature[name] = ("*i64" if name in ("shapes_ptr", "starts_ptr") else
+                                   "*fp16" if name in ("value_ptr", "out_ptr", "grad_out_ptr") else "*fp32")
+            else:
+                signature[name] = "i64" if name.endswith("_sb") else "i32"
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
+                                  target=target, options=dict(num_warps=4))
+        result[kernel.__name__] = (len(compiled.asm["ptx"]), len(compiled.asm["cubin"]))
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bench", action="store_true", help="time every backend vs grid_sample")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (median)")
+    parser.add_argument("--compile-check", action="store_true",
+                        help="compile the Triton kernels for sm_90 ahead of time (no GPU needed)")
+    args = parser.parse_args(argv)
+    if not (args.bench or args.compile_check):
+        parser.error("nothing to do: pass --bench and/or --compile-check")
+    if args.compile_check:
+        for name, (ptx, cubin) in _compile_check().items():
+            print(f"{name}: sm_90 PTX {ptx} chars, cubin {cubin} bytes")
+    if args.bench:
+        _bench(max(args.runs, 10))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""torchvision detectors by name, and the FPN hook that exposes their features to UniKD.
+
+Two things live here:
+
+* `build_detector(name, num_classes, ...)`: RetinaNet, FCOS, Faster R-CNN and Mask R-CNN on ResNet-18/34/50/101
+  and ResNeXt-101 32x8d FPN backbones, built with torchvision's own classes and builders. Size-dependent
+  hyper-parameters (anchor sizes, FCOS scale ranges, RPN proposal counts, ROI samples) are scaled for small
+  inputs, and every family gets the same image transform, so a teacher and a student see the same tensor.
+* `forward_with_features(model, images, targets)`: runs torchvision's forward unchanged and, through forward
+  hooks on the model's own `transform` and `backbone`, also returns the 4 FPN levels at strides 8/16/32/64 that
+  AKE reads (DESIGN.md "Feature levels"), whatever levels the family itself uses.
+"""
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torchvision
+from torch import nn, Tensor
+from torchvision.models.detection import (
+    FasterRCNN, FCOS, MaskRCNN, RetinaNet,
+    FasterRCNN_ResNet50_FPN_V2_Weights, FasterRCNN_ResNet50_FPN_Weights, FCOS_ResNet50_FPN_Weights,
+    MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights,
+    RetinaNet_ResNet50_FPN_V2_Weights, RetinaNet_ResNet50_FPN_Weights,
+)
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+FAMILIES = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
+BACKBONES = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101", "x101": "resnext101_32x8d"}
+V2_NAMES = ("retinanet_r50_v2", "faster_rcnn_r50_v2", "mask_rcnn_r50_v2")
+MODEL_NAMES = [f"{family}_{backbone}" for family in FAMILIES for backbone in BACKBONES] + list(V2_NAMES)
+
+# The R50 models torchvision ships a builder (and COCO weights) for; the others are assembled from the same parts.
+TORCHVISION_BUILDERS = {
+    "retinanet_r50": (torchvision.models.detection.retinanet_resnet50_fpn, RetinaNet_ResNet50_FPN_Weights),
+    "retinanet_r50_v2": (torchvision.models.detection.retinanet_resnet50_fpn_v2, RetinaNet_ResNet50_FPN_V2_Weights),
+    "fcos_r50": (torchvision.models.detection.fcos_resnet50_fpn, FCOS_ResNet50_FPN_Weights),
+    "faster_rcnn_r50": (torchvision.models.detection.fasterrcnn_resnet50_fpn, FasterRCNN_ResNet50_FPN_Weights),
+    "faster_rcnn_r50_v2": (torchvision.models.detection.fasterrcnn_resnet50_fpn_v2,
+                           FasterRCNN_ResNet50_FPN_V2_Weights),
+    "mask_rcnn_r50": (torchvision.models.detection.maskrcnn_resnet50_fpn, MaskRCNN_ResNet50_FPN_Weights),
+    "mask_rcnn_r50_v2": (torchvision.models.detection.maskrcnn_resnet50_fpn_v2, MaskRCNN_ResNet50_FPN_V2_Weights),
+}
+COCO_NUM_CLASSES = 91  # torchvision's COCO heads: 90 category ids + background
+
+# One image transform for every family (DESIGN.md: teacher and student see the same batched tensor).
+# size_divisible=64 (torchvision: 32) pads to a multiple of the coarsest level AKE reads, so every level used
+# has exactly H_pad/stride cells and a normalised coordinate maps to the same cell in every detector.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+TRANSFORM_DEFAULTS = dict(min_size=800, max_size=1333, size_divisible=64, image_mean=IMAGENET_MEAN,
+                          image_std=IMAGENET_STD)
+AKE_STRIDES = (8, 16, 32, 64)
+
+# torchvision's size hyper-parameters are tuned for COCO at 800 px. Below that, anchor sizes (and FCOS's
+# ranges) are scaled by min_size / 800 but not below 1/2: smaller anchors no longer overlap on their level's
+# grid (anchor/stride would drop below 2; torchvision's is 4) and objects between two anchors match neither.
+# Measured on the embedded data (128x192): at 1/4, 42% of medium objects have no RetinaNet anchor at IoU>=0.5
+# and 35% of large ones no FCOS positive; at 1/2, >=98% of medium/large objects have both (and 77% of small
+# ones an IoU>=0.5 anchor; at 1, 25%). Proposal counts only need to follow the image area, so they shrink
+# further (floor 1/4).
+REFERENCE_MIN_SIZE = 800
+MIN_ANCHOR_SCALE = 0.5
+MIN_PROPOSAL_SCALE = 0.25
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that does not exist, is not a detector checkpoint, or does not fit the model."""
+
+
+class FPNOutput(NamedTuple):
+    result: object  # losses dict (train mode) or list of detections (eval mode), as model(images, targets); or None
+    features: list  # 4 tensors [B, 256, H_l, W_l] at strides 8, 16, 32, 64, in that order
+    batch_size_hw: tuple  # (H_pad, W_pad) of the batched image tensor; normalised boxes are relative to it
+    image_sizes: list  # (h, w) of each image after resize, before padding
+    targets: Optional[list]  # transformed targets (boxes in pixels of the batched tensor), or None
+
+
+def canonical_name(name: str) -> str:
+    """'retinanet' -> 'retinanet_r50', 'retinanet_v2' -> 'retinanet_r50_v2'; unknown -> ValueError naming all."""
+    key = str(name).strip().lower()
+    if key in FAMILIES:
+        key += "_r50"
+    elif key.endswith("_v2") and key[:-3] in FAMILIES:
+        key = key[:-3] + "_r50_v2"
+    if key not in MODEL_NAMES:
+        raise ValueError(f"unknown model '{name}'; valid names: {', '.join(MODEL_NAMES)} "
+                         f"(a bare family name means _r50)")
+    return key
+
+
+def family_of(name: str) -> str:
+    name = canonical_name(name)
+    return next(f for f in FAMILIES if name.startswith(f + "_"))
+
+
+def _eval_min_size(min_size):
+    return min_size[-1] if isinstance(min_size, (tuple, list)) else min_size  # torchvision evaluates at [-1]
+
+
+def anchor_scale(min_size) -> float:
+    """Factor on torchvision's anchor sizes (and FCOS's size ranges): min_size / 800 clipped to [1/2, 1]."""
+    return min(1.0, max(MIN_ANCHOR_SCALE, _eval_min_size(min_size) / REFERENCE_MIN_SIZE))
+
+
+def proposal_scale(min_size) -> float:
+    """Factor on R-CNN proposal counts and sampled ROIs: min_size / 800 clipped to [1/4, 1]."""
+    return min(1.0, max(MIN_PROPOSAL_SCALE, _eval_min_size(min_size) / REFERENCE_MIN_SIZE))
+
+
+def build_detector(name: str, num_classes: int, weights=None, weights_backbone=None, **kwargs) -> nn.Module:
+    """A torchvision detector by name (see MODEL_NAMES). num_classes includes background (labels are 1..K).
+
+    weights: None (random init), "DEFAULT"/"COCO_V1"/a torchvision weights name for torchvision's COCO weights
+        (R50 models only), or the path of our own checkpoint (a state dict, or a dict holding one under "model").
+        With COCO weights and num_classes != 91, the COCO model is loaded and its class-dependent layers
+        (RetinaNet/FCOS cls_logits, R-CNN box predictor and mask predictor) are replaced by freshly initialised
+        ones for num_classes, as a fine-tune would; everything else keeps the COCO weights.
+    weights_backbone: ImageNet weights for the ResNet ("DEFAULT" or a torchvision enum name such as
+        "IMAGENET1K_V1"); ignored when weights is given.
+    kwargs: passed to torchvision's class (min_size, max_size, score_thresh, trainable_backbone_layers, ...).
+        Defaults here: min_size 800, max_size 1333, size_divisible 64, ImageNet mean/std for every family; below
+        800 px the anchor sizes and FCOS ranges (anchor_scale) and R-CNN proposal counts (proposal_scale) are
+        scaled; explicit kwargs
+        (anchor_generator, rpn_anchor_generator, rpn_*_top_n_*, box_batch_size_per_image, ...) win.
+    """
+    name = canonical_name(name)
+    family = family_of(name)
+    checkpoint = weights if _is_checkpoint_path(weights) else None
+    coco_weights = None if checkpoint is not None else _coco_weights(name, weights)
+    backbone_weights = None if weights is not None else _backbone_weights(name, weights_backbone)
+
+    kwargs = {**TRANSFORM_DEFAULTS, **kwargs}
+    scale = anchor_scale(kwargs["min_size"])
+    anchor_generator = kwargs.pop("anchor_generator", None) or kwargs.pop("rpn_anchor_generator", None)
+    kwargs = {**_small_image_kwargs(family, scale, proposal_scale(kwargs["min_size"])), **kwargs}
+
+    if name in TORCHVISION_BUILDERS:
+        builder = TORCHVISION_BUILDERS[name][0]
+        model = builder(weights=coco_weights, weights_backbone=backbone_weights,
+                        num_classes=None if coco_weights is not None else num_classes, **kwargs)
+    else:
+        model = _build_from_parts(family, BACKBONES[name.split("_")[-1]], num_classes, backbone_weights, kwargs)
+
+    # Set after construction: the _v2 builders create their own anchor generator and do not take one.
+    anchor_generator = anchor_generator or _scaled_anchor_generator(family, scale)
+    if family in ("retinanet", "fcos"):
+        model.anchor_generator = anchor_generator
+    else:
+        model.rpn.anchor_generator = anchor_generator
+
+    if coco_weights is not None and num_classes != COCO_NUM_CLASSES:
+        _replace_class_layers(model, family, num_classes)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    model.unikd_name = name
+    return model
+
+
+def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs):
+    """Same recipe as torchvision's *_resnet50_fpn builders, for the other ResNets."""
+    kwargs = dict(kwargs)
+    pretrained = backbone_weights is not None
+    trainable = kwargs.pop("trainable_backbone_layers", None)
+    trainable = (3 if pretrained else 5) if trainable is None else trainable
+    # Frozen BN only makes sense with pretrained statistics; from scratch, BN must learn them.
+    norm_layer = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    if family in ("retinanet", "fcos"):
+        # C3-C5 -> P3-P5, P6/P7 from P5 (RetinaNet/FCOS papers skip P2: too many anchors)
+        backbone = resnet_fpn_backbone(backbone_name=arch, weights=backbone_weights, norm_layer=norm_layer,
+                                       trainable_layers=trainable, returned_layers=[2, 3, 4],
+                                       extra_blocks=LastLevelP6P7(256, 256))
+    else:
+        # C2-C5 -> P2-P5, 'pool' = P6 by max-pooling P5 (LastLevelMaxPool)
+        backbone = resnet_fpn_backbone(backbone_name=arch, weights=backbone_weights, norm_layer=norm_layer,
+                                       trainable_layers=trainable)
+    cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}[family]
+    return cls(backbone, num_classes=num_classes, **kwargs)
+
+
+def _small_image_kwargs(family, scale, proposals):
+    """Size-dependent settings for the family's constructor; torchvision's defaults at scale 1."""
+    if family == "fcos":
+        # FCOS derives both its per-level size ranges ([4, 8] x anchor size) and its centre-sampling radius
+        # (radius x anchor size) from the anchor sizes. The anchors are scaled to move objects to finer levels;
+        # the radius is divided by the same factor so that it stays 1.5 strides in pixels.
+        return {"center_sampling_radius": 1.5 / scale}
+    if family in ("faster_rcnn", "mask_rcnn"):
+        # Fewer proposals and sampled ROIs: a 128 px image has ~6k anchors and <= 10 objects, and the ROI
+        # head's cost is linear in the sampled ROIs (torchvision's 2000/512 make Faster R-CNN ~1 img/s on CPU).
+        return {"rpn_pre_nms_top_n_train": round(2000 * proposals),
+                "rpn_post_nms_top_n_train": round(2000 * proposals),
+                "rpn_pre_nms_top_n_test": round(1000 * proposals), "rpn_post_nms_top_n_test": round(1000 * proposals),
+                "box_batch_size_per_image": round(512 * proposals)}
+    return {}
+
+
+def _scaled_anchor_generator(family, scale):
+    """torchvision's anchor generator for the family with every anchor size multiplied by scale."""
+    if family == "fcos":
+        # one anchor point per location; its 'size' is the level's stride at scale 1
+        sizes = tuple((8 * 2 ** i * scale,) for i in range(5))
+        return AnchorGenerator(sizes, ((1.0,),) * 5)
+    if family == "retinanet":
+        # 3 octave scales 2^{0, 1/3, 2/3} of 32..512 on P3..P7, rounded as torchvision rounds them
+        sizes = tuple(tuple(int(base * 2 ** (k / 3)) * scale for k in range(3)) for base in (32, 64, 128, 256, 512))
+        return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+    # RPN: one size per level, 32..512 on P2..P6
+    sizes = tuple((base * scale,) for base in (32, 64, 128, 256, 512))
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+
+
+def _replace_class_layers(model, family, num_classes):
+    """Swap the layers whose shape depends on the class count for fresh ones (fine-tuning COCO weights)."""
+    if family in ("retinanet", "fcos"):
+        head = model.head.classification_head
+        old = head.cls_logits
+        new = nn.Conv2d(old.in_channels, head.num_anchors * num_classes, kernel_size=3, padding=1)
+        # same init as torchvision's heads: focal-loss prior p = 0.01 so early training is not swamped by
+        # background (RetinaNet paper Sec. 4.1)
+        nn.init.normal_(new.weight, std=0.01)
+        nn.init.constant_(new.bias, -math.log((1 - 0.01) / 0.01))
+        head.cls_logits = new
+        head.num_classes = num_classes
+        return
+    box_predictor = model.roi_heads.box_predictor
+    model.roi_heads.box_predictor = FastRCNNPredictor(box_predictor.cls_score.in_features, num_classes)
+    if family == "mask_rcnn":
+        mask_predictor = model.roi_heads.mask_predictor
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_predictor.conv5_mask.in_channels,
+                                                           mask_predictor.conv5_mask.out_channels, num_classes)
+
+
+def _is_checkpoint_path(weights) -> bool:
+    if weights is None:
+        return False
+    if isinstance(weights, os.PathLike):
+        return True
+    text = str(weights)
+    return os.path.exists(text) or os.sep in text or text.endswith((".pth", ".pt", ".ckpt", ".bin"))
+
+
+def _coco_weights(name, weights):
+    if weights is None:
+        return None
+    if name not in TORCHVISION_BUILDERS:
+        raise ValueError(f"torchvision has no COCO weights for {name}; weights='DEFAULT' works for "
+                         f"{', '.join(TORCHVISION_BUILDERS)}, other models take a checkpoint path")
+    enum = TORCHVISION_BUILDERS[name][1]
+    try:
+        return enum.verify(weights)
+    except (KeyError, ValueError, TypeError):
+        valid = ", ".join(["DEFAULT"] + [w.name for w in enum])
+        raise ValueError(f"unknown weights '{weights}' for {name}; use one of {valid} or a checkpoint path") from None
+
+
+def _backbone_weights(name, weights_backbone):
+    if weights_backbone is None:
+        return None
+    arch = BACKBONES[name.split("_")[-1] if not name.endswith("_v2") else "r50"]
+    enum = torchvision.models.get_model_weights(arch)
+    try:
+        return enum.verify(weights_backbone)
+    except (KeyError, ValueError, TypeError):
+        valid = ", ".join(["DEFAULT"] + [w.name for w in enum])
+        raise ValueError(f"unknown backbone weights '{weights_backbone}' for {arch}; use one of {valid}") from None
+
+
+def load_checkpoint(model: nn.Module, path) -> None:
+    """Load our own checkpoint into model: a state dict, or a dict with the state dict under "model".
+
+    Raises CheckpointError (a ValueError) naming the file when it is missing, unreadable or does not fit.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        # weights_only: never unpickle arbitrary objects from a file a user points us at
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for garbage / non-weights pickles
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path} holds no model state dict")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}  # saved from DDP
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0]
+        raise CheckpointError(f"{path} does not fit this model ({detail[:300]})") from None
+
+
+def fpn_channels(model: nn.Module) -> int:
+    return _unwrap(model).backbone.out_channels
+
+
+def transform_config(model: nn.Module) -> dict:
+    """Everything that decides the batched image tensor; equal dicts mean equal tensors for equal inputs."""
+    t = _unwrap(model).transform
+    return {"min_size": tuple(t.min_size), "max_size": t.max_size, "size_divisible": t.size_divisible,
+            "image_mean": list(t.image_mean), "image_std": list(t.image_std), "fixed_size": t.fixed_size}
+
+
+def forward_with_features(model: nn.Module, images, targets=None) -> FPNOutput:
+    """model(images, targets), unchanged, plus the FPN levels at strides 8/16/32/64 read via forward hooks.
+
+    model may be wrapped in DistributedDataParallel: the hooks go on the wrapped model's modules and the call
+    goes through the wrapper, so gradient synchronisation is untouched.
+    """
+    net = _unwrap(model)
+    seen = {}
+    hooks = [net.transform.register_forward_hook(lambda m, args, out: seen.__setitem__("transform", out)),
+             net.backbone.register_forward_hook(lambda m, args, out: seen.__setitem__("backbone", out))]
+    try:
+        result = model(images, targets)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    image_list, transformed_targets = seen["transform"]
+    return _fpn_output(result, image_list, seen["backbone"], transformed_targets)
+
+
+def forward_features(model: nn.Module, images, targets=None) -> FPNOutput:
+    """Transform + backbone/FPN only (no heads, no losses): for frozen teachers. result is None."""
+    net = _unwrap(model)
+    image_list, transformed_targets = net.transform(images, targets)
+    features = net.backbone(image_list.tensors)
+    return _fpn_output(None, image_list, features, transformed_targets)
+
+
+def _fpn_output(result, image_list, features: dict, targets) -> FPNOutput:
+    h_pad, w_pad = image_list.tensors.shape[-2:]
+    return FPNOutput(result, levels_by_stride(features, (h_pad, w_pad)), (int(h_pad), int(w_pad)),
+                     [tuple(int(v) for v in s) for s in image_list.image_sizes], targets)
+
+
+def levels_by_stride(features: dict, batch_size_hw, strides=AKE_STRIDES) -> list:
+    """Pick from the FPN's OrderedDict the levels whose stride (batched size / feature size) is in strides.
+
+    RetinaNet/FCOS name their levels '0'-'4' for P3-P7, R-CNNs '0'-'3','pool' for P2-P6: only the stride
+    identifies a level across families. With padding to a multiple of 64 the ratio is exact; otherwise the
+    coarsest levels round up (e.g. 160 px -> 3 cells at stride 64) and log2 is rounded. The first level with a
+    given stride wins (a tiny input can make P6 and P7 both 1 cell).
+    """
+    h_pad, w_pad = batch_size_hw
+    by_stride = {}
+    for feature in features.values():
+        h, w = feature.shape[-2:]
+        stride = 2 ** round(math.log2(math.sqrt(h_pad * w_pad / (h * w))))
+        by_stride.setdefault(stride, feature)
+    missing = [s for s in strides if s not in by_stride]
+    if missing:
+        raise ValueError(f"FPN has no level at stride(s) {missing} for a {h_pad}x{w_pad} batch "
+                         f"(levels: {sorted(by_stride)})")
+    return [by_stride[s] for s in strides]
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
