@@ -1,64 +1,15 @@
 """Tests of unikd.py (CPU, fast). Run: python -m pytest -q _t_unikd.py"""
 import itertools
 import math
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
+import unikd
+
 torch.set_num_threads(1)
-
-try:
-    import deform_attn_triton  # noqa: F401
-except ImportError:  # temporary shim while deform_attn_triton.py is being written (grid_sample reference MSDA)
-    import types
-
-    import torch.nn as nn
-
-    shim = types.ModuleType("deform_attn_triton")
-
-    def flatten_levels(features):
-        shapes = torch.as_tensor([f.shape[-2:] for f in features], dtype=torch.int64, device=features[0].device)
-        start = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
-        return torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1), shapes, start
-
-    class MSDeformAttn(nn.Module):
-        def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
-            super().__init__()
-            self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
-            self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-            self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-            self.value_proj = nn.Linear(d_model, d_model)
-            self.output_proj = nn.Linear(d_model, d_model)
-
-        def forward(self, query, reference_points, value_input, spatial_shapes, level_start_index,
-                    padding_mask=None, return_sampling=False):
-            B, Q, _ = query.shape
-            H, L, P, C = self.n_heads, self.n_levels, self.n_points, self.d_model // self.n_heads
-            value = self.value_proj(value_input).view(B, -1, H, C)
-            off = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
-            attn = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
-            if reference_points.shape[-1] == 2:
-                norm = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(off.dtype)
-                loc = reference_points[:, :, None, :, None] + off / norm[None, None, None, :, None]
-            else:
-                loc = reference_points[:, :, None, :, None, :2] + off / P * reference_points[:, :, None, :, None, 2:] * 0.5
-            out = 0
-            for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-                s = int(level_start_index[lvl])
-                v = value[:, s:s + h * w].permute(0, 2, 3, 1).reshape(B * H, C, h, w)
-                g = loc[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(B * H, Q, P, 2) * 2 - 1
-                sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
-                out = out + (sampled * attn[:, :, :, lvl].permute(0, 2, 1, 3).reshape(B * H, 1, Q, P)).sum(-1)
-            out = self.output_proj(out.view(B, H, C, Q).permute(0, 3, 1, 2).reshape(B, Q, H * C))
-            return (out, loc, attn) if return_sampling else out
-
-    shim.flatten_levels, shim.MSDeformAttn = flatten_levels, MSDeformAttn
-    sys.modules["deform_attn_triton"] = shim
-
-import unikd  # noqa: E402
 
 
 def random_gt(m, generator, min_side=0.02):
@@ -195,7 +146,8 @@ def test_set_loss_equals_explicit_formula():
             l1 += (boxes[b, i] - targets[b]["boxes"][j]).abs().sum()
             giou += 1 - generalized_box_iou(box_convert(boxes[b, i:i + 1], "cxcywh", "xyxy"),
                                             box_convert(targets[b]["boxes"][j:j + 1], "cxcywh", "xyxy"))[0, 0]
-    assert got["cls"].item() == pytest.approx(2 * sigmoid_focal_loss(logits, onehot, reduction="sum").item() / 5, rel=1e-5)
+    focal = sigmoid_focal_loss(logits, onehot, reduction="sum").item()
+    assert got["cls"].item() == pytest.approx(2 * focal / 5, rel=1e-5)
     assert got["l1"].item() == pytest.approx(5 * l1.item() / 5, rel=1e-5)
     assert got["giou"].item() == pytest.approx(2 * giou.item() / 5, rel=1e-5)
 
@@ -359,8 +311,8 @@ def test_postprocess_topk_over_queries_and_classes():
 
 def layer_params(c, ffn, levels=4, heads=8, points=4, self_attn=True):
     """Closed-form parameter count of one Deformable DETR layer."""
-    msda = (c * heads * levels * points * 2 + heads * levels * points * 2) + (c * heads * levels * points
-                                                                             + heads * levels * points) + 2 * (c * c + c)
+    samples = heads * levels * points
+    msda = (c * samples * 2 + samples * 2) + (c * samples + samples) + 2 * (c * c + c)
     mha = 4 * c * c + 4 * c if self_attn else 0
     return msda + mha + (c * ffn + ffn + ffn * c + c) + (3 if self_attn else 2) * 2 * c
 

@@ -40,6 +40,7 @@ import math
 import statistics
 import time
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -179,67 +180,66 @@ def ms_deform_attn_grid_sample(value, spatial_shapes, level_start_index, samplin
 # The rows are processed in chunks so every temporary stays small (cache-resident, and reused by the
 # allocator instead of page-faulted in fresh every call -- which on CPU costs as much as the maths).
 
-_CPU_TAPS_PER_CHUNK = 1 << 15
-_GPU_TAPS_PER_CHUNK = 1 << 22
+_CPU_ROWS_PER_CHUNK = 4096      # output rows whose taps are built together (amortises per-op overhead)
+_CPU_ROWS_PER_SCATTER = 256     # rows per index_add_ (its [n, K, C] source should stay cache-sized)
+_GPU_TAPS_PER_CHUNK = 1 << 20      # bounds the [n, K, C] gather/scatter scratch on GPU
 
 
 class _LevelGeometry:
-    """Per-level constants of the flattened value map, shaped to broadcast against [n, L, P, ...]."""
+    """Per-level constants of the flattened value map, expanded over the P points of each level so
+    that per-sample tensors [n, ..., L*P] broadcast against them along whole contiguous L*P rows
+    (PyTorch's CPU loops pay a fixed cost per innermost run: runs of 2 would cost more than the
+    arithmetic). Indices are int64 throughout: 64-bit offsets, and index_add_ is 2-3x slower with int32.
+    """
 
-    def __init__(self, spatial_shapes, level_start_index, B, S, H, dtype):
-        L = spatial_shapes.shape[0]
-        # Clamped coordinates stay within [-2, W+1]; the largest |row| is then below (B+3)*S*H + 2H,
-        # so 32-bit indices suffice unless that reaches 2^31 (64-bit offsets otherwise).
-        self.index_dtype = torch.int32 if (B + 3) * S * H + 2 * H < 2 ** 31 else torch.int64
-        wh = spatial_shapes.flip(-1)                                          # [L, 2] (W_l, H_l)
-        self.size = wh.to(dtype).view(L, 1, 2)                                # pixel scale of x, y
-        self.hi = (wh + 1).to(dtype).view(L, 1, 2)                            # clamp bound (W+1, H+1)
-        self.lim = wh.to(self.index_dtype).view(L, 1, 2, 1)                   # corner in-range bound
-        width = wh[:, 0].to(self.index_dtype).view(L, 1)
-        self.start = level_start_index.to(self.index_dtype).view(L, 1)
-        self.width = width
+    def __init__(self, spatial_shapes, level_start_index, B, S, H, P, dtype):
+        wh = spatial_shapes.flip(-1).repeat_interleave(P, dim=0).t().contiguous()   # [2, L*P] (W_l; H_l)
+        self.size = wh.to(dtype)                                              # pixel scale of x; y
+        self.hi = self.size + 1                                               # clamp bound W+1; H+1
+        width = wh[0]                                                         # [L*P]
+        self.start = level_start_index.repeat_interleave(P) * H               # first row of the level
+        self.width_rows = width * H                                           # rows per image row
         # row offsets of the corners (y0,x0) (y0,x0+1) (y0+1,x0) (y0+1,x0+1) from the first one
-        self.corner = (torch.stack([torch.zeros_like(width), torch.ones_like(width), width, width + 1],
-                                   -1) * H).view(L, 1, 4)
+        self.corner = torch.stack([torch.zeros_like(width), torch.ones_like(width), width, width + 1]) * H
         self.num_rows = B * S * H
         self.H, self.S = H, S
 
 
-def _bilinear_taps(geo, loc, attn, rows, QH, with_grad_terms=False):
-    """Corner rows and folded weights of the samples of `rows` (a range of flattened (b, q, h)).
+class _Taps(NamedTuple):
+    """Bilinear taps of a chunk of n output rows; K = 4*L*P taps per row, ordered (corner y, x; l, p)."""
+    idx: torch.Tensor        # [n, K] rows of the value table (clamped into range)
+    w: torch.Tensor          # [n, K] attention * bilinear weight, zero for corners outside the map
+    tent: torch.Tensor       # [n, 2 (axis x, y), 2 (lower, upper neighbour), L*P] bilinear weights
+    inside: torch.Tensor     # same shape, 1.0 where the neighbour lies inside the map, else 0.0
 
-    loc [n, L, P, 2], attn [n, L, P] -> idx [n, K] (rows of V, clamped into range), w [n, K]
-    (zero for corners outside the map), K = 4*L*P; with_grad_terms also returns the per-axis
-    bilinear weights and their derivatives needed by the backward.
-    """
+
+def _bilinear_taps(geo, loc, attn, rows, QH):
+    """Taps of the samples of `rows` (a range of flattened (b, q, h)); loc [n, L*P, 2], attn [n, L*P]."""
     n = loc.shape[0]
-    # pixel coordinates (x, y); points far outside are clamped to where all 4 corners are outside,
-    # which keeps both value and gradient exactly zero there and the indices small
-    xy = torch.addcmul(torch.full((), -0.5, dtype=loc.dtype, device=loc.device), loc, geo.size)
-    xy = torch.maximum(torch.minimum(xy, geo.hi), xy.new_full((), -2.0))       # [n, L, P, 2]
+    # pixel coordinates [n, 2 (x, y), L*P]; points far outside are clamped to where all 4 corners are
+    # outside, which keeps value and gradient exactly zero there and the indices small
+    xy = torch.addcmul(geo.size.new_full((), -0.5), loc.transpose(1, 2).contiguous(), geo.size)
+    xy = torch.minimum(xy.clamp_(min=-2.0), geo.hi)
     xy0 = xy.floor()
-    frac = xy - xy0
-    i0 = xy0.to(geo.index_dtype)
-    neighbour = i0.unsqueeze(-1) + torch.tensor([0, 1], dtype=geo.index_dtype, device=loc.device)
-    inside = (neighbour >= 0) & (neighbour < geo.lim)                          # [n, L, P, 2(axis), 2]
-    tent = torch.stack([1 - frac, frac], -1) * inside                         # per-axis bilinear weights
-    wx, wy = tent.unbind(-2)                                                   # [n, L, P, 2]
-    w = (wy * attn.unsqueeze(-1)).unsqueeze(-1) * wx.unsqueeze(-2)             # [n, L, P, 2(y), 2(x)]
-    r = torch.arange(rows.start, rows.stop, device=loc.device, dtype=geo.index_dtype)
+    frac = xy.sub_(xy0)
+    # neighbour k = x0 (lower) or x0 + 1 (upper) is inside iff 0 <= k <= W-1: for integral k that is
+    # clamp(k+1, 0, 1) * clamp(W-k, 0, 1) -- float arithmetic, several times faster than bool masks
+    neighbour = xy0.unsqueeze(2) + geo.size.new_tensor([[0.0], [1.0]])       # [n, 2, 2, L*P]
+    inside = (neighbour + 1).clamp_(0, 1).mul_((geo.size.unsqueeze(1) - neighbour).clamp_(0, 1))
+    tent = torch.stack([1 - frac, frac], dim=2).mul_(inside)
+    wx, wy = tent[:, 0], tent[:, 1]                                            # [n, 2, L*P]
+    w = (wy * attn.unsqueeze(1)).unsqueeze(2) * wx.unsqueeze(1)                # [n, 2 (y), 2 (x), L*P]
+    r = torch.arange(rows.start, rows.stop, device=loc.device)
     row_base = (r // QH) * (geo.S * geo.H) + r % geo.H                         # (b*S)*H + h
-    first = row_base.view(n, 1, 1) + (geo.start + i0[..., 1] * geo.width + i0[..., 0]) * geo.H
-    idx = (first.unsqueeze(-1) + geo.corner).clamp_(0, geo.num_rows - 1)       # [n, L, P, 4]
-    if not with_grad_terms:
-        return idx.view(n, -1), w.view(n, -1)
-    slope = inside * torch.tensor([-1, 1], dtype=loc.dtype, device=loc.device)  # d tent / d frac
-    dx, dy = slope.unbind(-2)
-    return idx.view(n, -1), w.view(n, -1), wx, wy, dx, dy
+    i0 = xy0.long()
+    first = (i0[:, 1] * geo.width_rows).add_(i0[:, 0] * geo.H).add_(geo.start).add_(row_base.unsqueeze(1))
+    idx = (first.unsqueeze(1) + geo.corner).clamp_(0, geo.num_rows - 1)       # [n, 4, L*P]
+    return _Taps(idx.view(n, -1), w.view(n, -1), tent, inside)
 
 
 def _row_chunks(R, K, device):
-    """Ranges of output rows processed together, sized so the per-chunk taps stay cache-sized on CPU."""
-    taps = _CPU_TAPS_PER_CHUNK if device.type == "cpu" else _GPU_TAPS_PER_CHUNK
-    step = max(1, taps // K)
+    """Ranges of output rows processed together (bounded temporaries; on CPU also cache-sized)."""
+    step = _CPU_ROWS_PER_CHUNK if device.type == "cpu" else max(1, _GPU_TAPS_PER_CHUNK // K)
     return [range(r, min(r + step, R)) for r in range(0, R, step)]
 
 
@@ -254,15 +254,15 @@ def _torch_forward(value, spatial_shapes, level_start_index, loc, attn):
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     dtype = _compute_dtype(value, loc, attn)
     R, K = B * Q * H, 4 * L * P
-    geo = _LevelGeometry(spatial_shapes, level_start_index, B, S, H, dtype)
+    geo = _LevelGeometry(spatial_shapes, level_start_index, B, S, H, P, dtype)
     table = value.to(dtype).reshape(B * S * H, C)                              # rows (b, s, h)
-    loc = loc.to(dtype).reshape(R, L, P, 2)
-    attn = attn.to(dtype).reshape(R, L, P)
+    loc = loc.to(dtype).reshape(R, L * P, 2)
+    attn = attn.to(dtype).reshape(R, L * P)
     chunks = _row_chunks(R, K, value.device)
     out = None if len(chunks) == 1 else table.new_empty(R, C)
     for rows in chunks:
-        idx, w = _bilinear_taps(geo, loc[rows.start:rows.stop], attn[rows.start:rows.stop], rows, Q * H)
-        part = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")   # [n, C]
+        taps = _bilinear_taps(geo, loc[rows.start:rows.stop], attn[rows.start:rows.stop], rows, Q * H)
+        part = F.embedding_bag(taps.idx, table, per_sample_weights=taps.w, mode="sum")   # [n, C]
         if out is None:
             out = part
         else:
@@ -270,16 +270,28 @@ def _torch_forward(value, spatial_shapes, level_start_index, loc, attn):
     return out.view(B, Q, H * C)
 
 
-def _tap_grads(table, idx, w, grad_rows):
-    """dL/dw[r, k] = <grad_rows[r], table[idx[r, k]]>  ->  [n, K]  (w only lends its storage)."""
-    n, K = idx.shape
+def _tap_grads(table, taps, grad_rows):
+    """dL/dw[r, k] = <grad_rows[r], table[idx[r, k]]>  ->  [n, K]."""
+    n, K = taps.idx.shape
     if table.device.type == "cpu":
         # sampled dense-dense product: the dot products without materialising the [n, K, C] gather
-        crow = torch.arange(0, n * K + 1, K, dtype=idx.dtype, device=idx.device)
-        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), w.reshape(-1),
+        # (the pattern's values are ignored with beta=0; w merely lends its storage)
+        crow = torch.arange(0, n * K + 1, K, device=table.device)
+        pattern = torch.sparse_csr_tensor(crow, taps.idx.reshape(-1), taps.w.reshape(-1),
                                           size=(n, table.shape[0]), check_invariants=False)
         return torch.sparse.sampled_addmm(pattern, grad_rows, table.t(), beta=0.0).values().view(n, K)
-    return torch.bmm(table[idx.reshape(-1)].view(n, K, -1), grad_rows.unsqueeze(-1)).view(n, K)
+    return torch.bmm(table[taps.idx.reshape(-1)].view(n, K, -1), grad_rows.unsqueeze(-1)).view(n, K)
+
+
+def _scatter_value_grad(grad_table, taps, grad_rows, source):
+    """grad_table[idx[r, k]] += w[r, k] * grad_rows[r]  (dL/dV = A^T g), in cache-sized pieces."""
+    n, K = taps.idx.shape
+    C = grad_rows.shape[1]
+    step = source.shape[0]
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        src = torch.mul(taps.w[lo:hi].unsqueeze(-1), grad_rows[lo:hi].unsqueeze(1), out=source[:hi - lo])
+        grad_table.index_add_(0, taps.idx[lo:hi].reshape(-1), src.view(-1, C))
 
 
 def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_out, needs):
@@ -287,32 +299,40 @@ def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_ou
     B, S, H, C = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     dtype = _compute_dtype(value, loc, attn)
-    R, K = B * Q * H, 4 * L * P
-    geo = _LevelGeometry(spatial_shapes, level_start_index, B, S, H, dtype)
+    R, K, LP = B * Q * H, 4 * L * P, L * P
+    geo = _LevelGeometry(spatial_shapes, level_start_index, B, S, H, P, dtype)
     table = value.to(dtype).reshape(B * S * H, C)
-    loc_r = loc.to(dtype).reshape(R, L, P, 2)
-    attn_r = attn.to(dtype).reshape(R, L, P)
+    loc_r = loc.to(dtype).reshape(R, LP, 2)
+    attn_r = attn.to(dtype).reshape(R, LP)
     grad_rows = grad_out.to(dtype).reshape(R, C)
     need_value, need_taps = needs[0], needs[3] or needs[4]
     grad_table = torch.zeros_like(table) if need_value else None
-    grad_loc = loc_r.new_empty(R, L, P, 2) if need_taps else None
-    grad_attn = attn_r.new_empty(R, L, P) if need_taps else None
+    grad_loc = loc_r.new_empty(R, LP, 2) if need_taps else None
+    grad_attn = attn_r.new_empty(R, LP) if need_taps else None
+    chunks = _row_chunks(R, K, value.device)
+    scatter_rows = _CPU_ROWS_PER_SCATTER if value.device.type == "cpu" else len(chunks[0])
+    source = table.new_empty(min(scatter_rows, R), K, C) if need_value else None   # reused scratch
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
-        for rows in _row_chunks(R, K, value.device):
+        for rows in chunks:
             lo, hi = rows.start, rows.stop
-            idx, w, wx, wy, dx, dy = _bilinear_taps(geo, loc_r[lo:hi], attn_r[lo:hi], rows, Q * H, True)
+            taps = _bilinear_taps(geo, loc_r[lo:hi], attn_r[lo:hi], rows, Q * H)
             g = grad_rows[lo:hi]                                               # [n, C]
-            if need_value:                                                     # dL/dV = A^T g
-                grad_table.index_add_(0, idx.view(-1), (w.unsqueeze(-1) * g.unsqueeze(1)).view(-1, C))
+            if need_value:
+                _scatter_value_grad(grad_table, taps, g, source)
             if need_taps:
-                gw = _tap_grads(table, idx, w, g).view(-1, L, P, 2, 2)            # dL/dw, (y, x) corners
-                a = attn_r[lo:hi]
-                per_y = (gw * wx.unsqueeze(-2)).sum(-1)                        # [n, L, P, 2] sum over x
-                per_x = (gw * wy.unsqueeze(-1)).sum(-2)                        # sum over y
-                grad_attn[lo:hi] = (per_y * wy).sum(-1)                        # w = a * wy * wx
-                g_frac = torch.stack([(per_x * dx).sum(-1), (per_y * dy).sum(-1)], -1)
-                grad_loc[lo:hi] = g_frac * (a.unsqueeze(-1) * geo.size)        # d frac / d loc = W, H
+                # w = a * wy * wx per corner (y, x): chain rule through the separable bilinear weights
+                gw = _tap_grads(table, taps, g).view(-1, 2, 2, LP)             # [n, 2 (y), 2 (x), L*P]
+                wx, wy = taps.tent[:, 0], taps.tent[:, 1]                      # [n, 2, L*P]
+                per_y = torch.addcmul(gw[:, :, 0] * wx[:, 0:1], gw[:, :, 1], wx[:, 1:2])   # [n, 2 (y), L*P]
+                per_x = torch.addcmul(gw[:, 0] * wy[:, 0:1], gw[:, 1], wy[:, 1:2])         # [n, 2 (x), L*P]
+                grad_attn[lo:hi] = torch.addcmul(per_y[:, 0] * wy[:, 0], per_y[:, 1], wy[:, 1])
+                # d tent / d frac is -inside for the lower and +inside for the upper neighbour
+                inside = taps.inside
+                g_frac = torch.stack([per_x[:, 1] * inside[:, 0, 1] - per_x[:, 0] * inside[:, 0, 0],
+                                      per_y[:, 1] * inside[:, 1, 1] - per_y[:, 0] * inside[:, 1, 0]], 1)
+                g_loc = g_frac.mul_(attn_r[lo:hi].unsqueeze(1)).mul_(geo.size)  # d frac / d loc = W; H
+                grad_loc[lo:hi] = g_loc.transpose(1, 2)
     return (grad_table.view(B, S, H, C).to(value.dtype) if need_value else None,
             grad_loc.view(loc.shape).to(loc.dtype) if need_taps else None,
             grad_attn.view(attn.shape).to(attn.dtype) if need_taps else None)
@@ -358,11 +378,11 @@ if triton is not None:
     @triton.jit
     def _msda_corners(x_norm, y_norm, h_l, w_l):
         """Bilinear geometry of one sample: integer corner (x0, y0) and fractions (fx, fy)."""
-        x = x_norm * w_l.to(tl.float32) - 0.5
-        y = y_norm * h_l.to(tl.float32) - 0.5
+        x = x_norm * w_l.to(x_norm.dtype) - 0.5
+        y = y_norm * h_l.to(y_norm.dtype) - 0.5
         # clamp far-away points to where all corners are outside: keeps int32 casts in range
-        x = tl.minimum(tl.maximum(x, -2.0), w_l.to(tl.float32) + 1.0)
-        y = tl.minimum(tl.maximum(y, -2.0), h_l.to(tl.float32) + 1.0)
+        x = tl.minimum(tl.maximum(x, -1.0), w_l.to(x.dtype) + 1.0)
+        y = tl.minimum(tl.maximum(y, -2.0), h_l.to(y.dtype) + 1.0)
         x0f = tl.floor(x)
         y0f = tl.floor(y)
         return x0f.to(tl.int32), y0f.to(tl.int32), x - x0f, y - y0f
@@ -389,6 +409,7 @@ if triton is not None:
         a_sb, a_sq, a_sh, a_sl, a_sp,
         o_sb, o_sq, o_sh,
         L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+        ACC: tl.constexpr,
     ):
         pid_q = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -403,23 +424,23 @@ if triton is not None:
         value_head = value_ptr + b * v_sb + h * v_sh + c.to(tl.int64)[None, :] * v_sc   # [1, BLOCK_C]
         loc_q = loc_ptr + b * l_sb + h * l_sh + q64 * l_sq                                # [BLOCK_Q]
         attn_q = attn_ptr + b * a_sb + h * a_sh + q64 * a_sq
-        acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=tl.float32)
-        for l in tl.static_range(L):
+        acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=ACC)
+        for l in range(L):
             h_l = tl.load(shapes_ptr + 2 * l)
             w_l = tl.load(shapes_ptr + 2 * l + 1)
             start = tl.load(starts_ptr + l)
             for p in tl.static_range(P):
-                x_n = tl.load(loc_q + l * l_sl + p * l_sp, mask=q_ok, other=0.0).to(tl.float32)
-                y_n = tl.load(loc_q + l * l_sl + p * l_sp + l_sxy, mask=q_ok, other=0.0).to(tl.float32)
-                a = tl.load(attn_q + l * a_sl + p * a_sp, mask=q_ok, other=0.0).to(tl.float32)
+                x_n = tl.load(loc_q + l * l_sl + p * l_sp, mask=q_ok, other=0.0).to(ACC)
+                y_n = tl.load(loc_q + l * l_sl + p * l_sp + l_sxy, mask=q_ok, other=0.0).to(ACC)
+                a = tl.load(attn_q + l * a_sl + p * a_sp, mask=q_ok, other=0.0).to(ACC)
                 x0, y0, fx, fy = _msda_corners(x_n, y_n, h_l, w_l)
                 r00, r01, r10, r11, m00, m01, m10, m11 = _msda_corner_rows(x0, y0, h_l, w_l, start, q_ok)
                 v00 = tl.load(value_head + r00[:, None] * v_ss, mask=m00[:, None] & c_ok[None, :], other=0.0)
                 v01 = tl.load(value_head + r01[:, None] * v_ss, mask=m01[:, None] & c_ok[None, :], other=0.0)
                 v10 = tl.load(value_head + r10[:, None] * v_ss, mask=m10[:, None] & c_ok[None, :], other=0.0)
                 v11 = tl.load(value_head + r11[:, None] * v_ss, mask=m11[:, None] & c_ok[None, :], other=0.0)
-                top = v00.to(tl.float32) * (1.0 - fx)[:, None] + v01.to(tl.float32) * fx[:, None]
-                bottom = v10.to(tl.float32) * (1.0 - fx)[:, None] + v11.to(tl.float32) * fx[:, None]
+                top = v00.to(ACC) * (1.0 - fx)[:, None] + v01.to(ACC) * fx[:, None]
+                bottom = v10.to(ACC) * (1.0 - fx)[:, None] + v11.to(ACC) * fx[:, None]
                 acc += (top * (1.0 - fy)[:, None] + bottom * fy[:, None]) * a[:, None]
         out = out_ptr + b * o_sb + h * o_sh + q64[:, None] * o_sq + c[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & c_ok[None, :])
@@ -428,7 +449,7 @@ if triton is not None:
     def _msda_bwd_corner(value_head, grad_head, v_ss, g_ss, row, ok, c_ok, g, weight):
         """Scatters weight*g into the value gradient at one corner; returns <g, value corner> per query."""
         mask = ok[:, None] & c_ok[None, :]
-        v = tl.load(value_head + row[:, None] * v_ss, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(value_head + row[:, None] * v_ss, mask=mask, other=0.0).to(g.dtype)
         tl.atomic_add(grad_head + row[:, None] * g_ss, g * weight[:, None], mask=mask, sem="relaxed")
         return tl.sum(v * g, axis=1)
 
@@ -443,7 +464,7 @@ if triton is not None:
         go_sb, go_sq, go_sh, go_sc,
         gv_sb, gv_ss, gv_sh,
         L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-        NUM_C_BLOCKS: tl.constexpr,
+        NUM_C_BLOCKS: tl.constexpr, ACC: tl.constexpr,
     ):
         pid_q = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -457,14 +478,14 @@ if triton is not None:
         go_q = grad_out_ptr + b * go_sb + h * go_sh + q64 * go_sq                  # [BLOCK_Q]
         # location/attention gradients are written contiguously as [B, Q, H, L, P, (2)]
         sample_q = ((b * Q + q64) * H + h) * (L * P)
-        for l in tl.static_range(L):
+        for l in range(L):
             h_l = tl.load(shapes_ptr + 2 * l)
             w_l = tl.load(shapes_ptr + 2 * l + 1)
             start = tl.load(starts_ptr + l)
             for p in tl.static_range(P):
-                x_n = tl.load(loc_q + l * l_sl + p * l_sp, mask=q_ok, other=0.0).to(tl.float32)
-                y_n = tl.load(loc_q + l * l_sl + p * l_sp + l_sxy, mask=q_ok, other=0.0).to(tl.float32)
-                a = tl.load(attn_q + l * a_sl + p * a_sp, mask=q_ok, other=0.0).to(tl.float32)
+                x_n = tl.load(loc_q + l * l_sl + p * l_sp, mask=q_ok, other=0.0).to(ACC)
+                y_n = tl.load(loc_q + l * l_sl + p * l_sp + l_sxy, mask=q_ok, other=0.0).to(ACC)
+                a = tl.load(attn_q + l * a_sl + p * a_sp, mask=q_ok, other=0.0).to(ACC)
                 x0, y0, fx, fy = _msda_corners(x_n, y_n, h_l, w_l)
                 r00, r01, r10, r11, m00, m01, m10, m11 = _msda_corner_rows(x0, y0, h_l, w_l, start, q_ok)
                 w00 = a * (1.0 - fy) * (1.0 - fx)
@@ -472,16 +493,16 @@ if triton is not None:
                 w10 = a * fy * (1.0 - fx)
                 w11 = a * fy * fx
                 # <grad_out, corner value>: the gradient of the output w.r.t. each folded tap weight
-                d00 = tl.zeros([BLOCK_Q], dtype=tl.float32)
-                d01 = tl.zeros([BLOCK_Q], dtype=tl.float32)
-                d10 = tl.zeros([BLOCK_Q], dtype=tl.float32)
-                d11 = tl.zeros([BLOCK_Q], dtype=tl.float32)
+                d00 = tl.zeros([BLOCK_Q], dtype=ACC)
+                d01 = tl.zeros([BLOCK_Q], dtype=ACC)
+                d10 = tl.zeros([BLOCK_Q], dtype=ACC)
+                d11 = tl.zeros([BLOCK_Q], dtype=ACC)
                 for cb in tl.static_range(NUM_C_BLOCKS):
                     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
                     c_ok = c < C
                     c64 = c.to(tl.int64)[None, :]
                     g = tl.load(go_q[:, None] + c64 * go_sc, mask=q_ok[:, None] & c_ok[None, :],
-                                other=0.0).to(tl.float32)
+                                other=0.0).to(ACC)
                     value_head = value_ptr + b * v_sb + h * v_sh + c64 * v_sc
                     grad_head = grad_value_ptr + b * gv_sb + h * gv_sh + c64
                     d00 += _msda_bwd_corner(value_head, grad_head, v_ss, gv_ss, r00, m00, c_ok, g, w00)
@@ -494,8 +515,8 @@ if triton is not None:
                 g_fy = a * ((1.0 - fx) * (d10 - d00) + fx * (d11 - d01))
                 sample = sample_q + (l * P + p)
                 tl.store(grad_attn_ptr + sample, g_attn, mask=q_ok)
-                tl.store(grad_loc_ptr + 2 * sample, g_fx * w_l.to(tl.float32), mask=q_ok)
-                tl.store(grad_loc_ptr + 2 * sample + 1, g_fy * h_l.to(tl.float32), mask=q_ok)
+                tl.store(grad_loc_ptr + 2 * sample, g_fx * w_l.to(ACC), mask=q_ok)
+                tl.store(grad_loc_ptr + 2 * sample + 1, g_fy * h_l.to(ACC), mask=q_ok)
 
 
 def _triton_blocks(B, Q, H, C, device):
@@ -510,6 +531,11 @@ def _triton_blocks(B, Q, H, C, device):
     return block_q, block_c, num_warps
 
 
+def _triton_acc(*tensors):
+    """Accumulation type of the kernels: fp32, or fp64 when an input is fp64 (so gradcheck can run)."""
+    return tl.float64 if _compute_dtype(*tensors) == torch.float64 else tl.float32
+
+
 def _device_guard(device):
     """Launches must happen on the tensors' own GPU (else the kernel silently writes zeros)."""
     if device.type == "cuda":
@@ -518,38 +544,55 @@ def _device_guard(device):
     return contextlib.nullcontext()
 
 
-def _triton_forward(value, spatial_shapes, level_start_index, loc, attn):
+def _fwd_launch(value, spatial_shapes, level_start_index, loc, attn, out):
+    """(grid, positional args, meta-parameters) of one forward launch; out is [B, Q, H, C]."""
     B, S, H, C = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    out = value.new_empty(B, Q, H, C)
     block_q, block_c, num_warps = _triton_blocks(B, Q, H, C, value.device)
     grid = (triton.cdiv(Q, block_q), B * H, triton.cdiv(C, block_c))
+    args = (value, spatial_shapes, level_start_index, loc, attn, out,
+            Q, H, C, *value.stride(), *loc.stride(), *attn.stride(), *out.stride()[:3])
+    return grid, args, dict(L=L, P=P, BLOCK_Q=block_q, BLOCK_C=block_c, ACC=_triton_acc(value, loc, attn),
+                            num_warps=num_warps)
+
+
+def _triton_forward(value, spatial_shapes, level_start_index, loc, attn):
+    B, S, H, C = value.shape
+    out = value.new_empty(B, loc.shape[1], H, C)
+    grid, args, meta = _fwd_launch(value, spatial_shapes, level_start_index, loc, attn, out)
     with _device_guard(value.device):
-        _msda_fwd_kernel[grid](
-            value, spatial_shapes, level_start_index, loc, attn, out,
-            Q, H, C, *value.stride(), *loc.stride(), *attn.stride(), *out.stride()[:3],
-            L=L, P=P, BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=num_warps)
-    return out.view(B, Q, H * C)
+        _msda_fwd_kernel[grid](*args, **meta)
+    return out.view(B, loc.shape[1], H * C)
+
+
+def _bwd_launch(value, spatial_shapes, level_start_index, loc, attn, grad_out, grad_value, grad_loc,
+                grad_attn):
+    """(grid, positional args, meta-parameters) of one backward launch."""
+    B, S, H, C = value.shape
+    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    block_q, block_c, num_warps = _triton_blocks(B, Q, H, C, value.device)
+    grid = (triton.cdiv(Q, block_q), B * H)
+    args = (value, spatial_shapes, level_start_index, loc, attn, grad_out, grad_value, grad_loc, grad_attn,
+            Q, H, C, *value.stride(), *loc.stride(), *attn.stride(), *grad_out.stride(),
+            *grad_value.stride()[:3])
+    return grid, args, dict(L=L, P=P, BLOCK_Q=block_q, BLOCK_C=block_c,
+                            NUM_C_BLOCKS=triton.cdiv(C, block_c), ACC=_triton_acc(value, loc, attn),
+                            num_warps=num_warps)
 
 
 def _triton_backward(value, spatial_shapes, level_start_index, loc, attn, grad_out):
     B, S, H, C = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     grad_out = grad_out.reshape(B, Q, H, C)        # may stay strided: addressed by strides
-    # fp32 accumulation buffers: atomics need a zeroed target, fp16/bf16 atomics would lose mass
-    grad_value = torch.zeros(B, S, H, C, dtype=torch.float32, device=value.device)
-    grad_loc = torch.empty(B, Q, H, L, P, 2, dtype=torch.float32, device=value.device)
-    grad_attn = torch.empty(B, Q, H, L, P, dtype=torch.float32, device=value.device)
-    block_q, block_c, num_warps = _triton_blocks(B, Q, H, C, value.device)
-    grid = (triton.cdiv(Q, block_q), B * H)
+    # fp32 (fp64 for fp64 inputs) buffers: atomics need a zeroed target, fp16/bf16 atomics lose mass
+    acc = _compute_dtype(value, loc, attn)
+    grad_value = torch.zeros(B, S, H, C, dtype=acc, device=value.device)
+    grad_loc = torch.empty(B, Q, H, L, P, 2, dtype=acc, device=value.device)
+    grad_attn = torch.empty(B, Q, H, L, P, dtype=acc, device=value.device)
+    grid, args, meta = _bwd_launch(value, spatial_shapes, level_start_index, loc, attn, grad_out,
+                                   grad_value, grad_loc, grad_attn)
     with _device_guard(value.device):
-        _msda_bwd_kernel[grid](
-            value, spatial_shapes, level_start_index, loc, attn, grad_out,
-            grad_value, grad_loc, grad_attn,
-            Q, H, C, *value.stride(), *loc.stride(), *attn.stride(), *grad_out.stride(),
-            *grad_value.stride()[:3],
-            L=L, P=P, BLOCK_Q=block_q, BLOCK_C=block_c, NUM_C_BLOCKS=triton.cdiv(C, block_c),
-            num_warps=num_warps)
+        _msda_bwd_kernel[grid](*args, **meta)
     return grad_value.to(value.dtype), grad_loc.to(loc.dtype), grad_attn.to(attn.dtype)
 
 
@@ -671,7 +714,7 @@ class MSDeformAttn(nn.Module):
         ref = reference_points[:, :, None, :, None, :]                            # [B, Q, 1, L, 1, 2|4]
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (W_l, H_l)
-            wh = spatial_shapes.flip(-1).to(offsets.dtype)                        # [L, 2]
+            wh = spatial_shapes.flip(-1).to(device=offsets.device, dtype=offsets.dtype)   # [L, 2]
             locations = ref + offsets / wh[None, None, None, :, None, :]
         else:
             # offsets are relative to the box: P points spread over half its width/height
@@ -782,31 +825,47 @@ def _bench(runs):
                     print(line + (f"  {peak:8.1f}" if peak is not None else ""), flush=True)
 
 
-def _compile_check(arch=90):
-    """Compiles both Triton kernels ahead of time for sm_<arch> (no GPU needed); returns
-    {kernel: (ptx chars, cubin bytes)}."""
+def _compile_check(arch=90, dtype=torch.bfloat16):
+    """Compiles both Triton kernels ahead of time for sm_<arch> (no GPU needed), specialised the way
+    the JIT launcher would for the decoder bench size; returns {kernel: (ptx chars, cubin bytes)}."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     if not hasattr(_msda_fwd_kernel, "arg_names"):
         raise RuntimeError("unset TRITON_INTERPRET to compile the kernels ahead of time")
-    target = GPUTarget("cuda", arch, 32)
+    value, shapes, starts, loc, attn = [t.to("meta") for t in _bench_inputs(_bench_sizes(
+        torch.device("cpu"))["decoder"], torch.device("cpu"), torch.float32)]
+    value, loc, attn = value.to(dtype), loc.to(dtype), attn.to(dtype)
+    B, S, H, C = value.shape
+    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    f32 = dict(dtype=torch.float32, device="meta")
+    launches = {
+        _msda_fwd_kernel: _fwd_launch(value, shapes, starts, loc, attn, value.new_empty(B, Q, H, C)),
+        _msda_bwd_kernel: _bwd_launch(value, shapes, starts, loc, attn, value.new_empty(B, Q, H, C),
+                                      torch.empty(B, S, H, C, **f32), torch.empty(B, Q, H, L, P, 2, **f32),
+                                      torch.empty(B, Q, H, L, P, **f32)),
+    }
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
     result = {}
-    for kernel, consts in ((_msda_fwd_kernel, dict(L=4, P=4, BLOCK_Q=64, BLOCK_C=32)),
-                           (_msda_bwd_kernel, dict(L=4, P=4, BLOCK_Q=64, BLOCK_C=32, NUM_C_BLOCKS=1))):
-        signature = {}
-        for name in kernel.arg_names:
-            if name in consts:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                # value/grad_out fp16 (exercises the low-precision loads), index tensors int64, the rest fp32
-                signature[name] = ("*i64" if name in ("shapes_ptr", "starts_ptr") else
-                                   "*fp16" if name in ("value_ptr", "out_ptr", "grad_out_ptr") else "*fp32")
+    for kernel, (_, args, meta) in launches.items():
+        num_warps = meta.pop("num_warps")
+        signature, constexprs, attrs = {}, dict(meta), {}
+        for i, (name, arg) in enumerate(zip(kernel.arg_names, args)):
+            if isinstance(arg, torch.Tensor):
+                signature[name] = "*" + names[arg.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]       # torch allocations are 16-byte aligned
+            elif arg == 1:                                    # the JIT turns 1 into a constant
+                constexprs[name] = 1
             else:
-                signature[name] = "i64" if name.endswith("_sb") else "i32"
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
-                                  target=target, options=dict(num_warps=4))
+                signature[name] = "i32" if abs(arg) < 2 ** 31 else "i64"
+                if arg % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        for name in constexprs:
+            signature[name] = "constexpr"
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                            attrs=attrs),
+                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
         result[kernel.__name__] = (len(compiled.asm["ptx"]), len(compiled.asm["cubin"]))
     return result
 

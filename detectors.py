@@ -126,8 +126,10 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
     kwargs: passed to torchvision's class (min_size, max_size, score_thresh, trainable_backbone_layers, ...).
         Defaults here: min_size 800, max_size 1333, size_divisible 64, ImageNet mean/std for every family; below
         800 px the anchor sizes and FCOS ranges (anchor_scale) and R-CNN proposal counts (proposal_scale) are
-        scaled; explicit kwargs
-        (anchor_generator, rpn_anchor_generator, rpn_*_top_n_*, box_batch_size_per_image, ...) win.
+        scaled; explicit kwargs (anchor_generator, rpn_anchor_generator, rpn_*_top_n_*,
+        box_batch_size_per_image, ...) win.
+    A checkpoint trained with a frozen-BN (ImageNet) backbone loads too: its BN statistics fill BatchNorm2d
+    layers, identical in eval mode.
     """
     name = canonical_name(name)
     family = family_of(name)
@@ -137,7 +139,8 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
 
     kwargs = {**TRANSFORM_DEFAULTS, **kwargs}
     scale = anchor_scale(kwargs["min_size"])
-    anchor_generator = kwargs.pop("anchor_generator", None) or kwargs.pop("rpn_anchor_generator", None)
+    anchor_generator = kwargs.pop("anchor_generator", None)  # RetinaNet/FCOS name
+    anchor_generator = kwargs.pop("rpn_anchor_generator", None) or anchor_generator  # R-CNN name
     kwargs = {**_small_image_kwargs(family, scale, proposal_scale(kwargs["min_size"])), **kwargs}
 
     if name in TORCHVISION_BUILDERS:

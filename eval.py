@@ -95,9 +95,9 @@ def add_data_args(parser):
     parser.add_argument("--val-images", default=None)
     parser.add_argument("--val-ann", default=None)
     parser.add_argument("--min-size", type=int, default=None,
-                        help="shorter image side; default 800 for COCO-format data, 128 for the embedded data")
+                        help="shorter image side; default 800 for COCO-format data, 128 for the shapes data")
     parser.add_argument("--max-size", type=int, default=None,
-                        help="cap on the longer side; default 1333 for COCO-format data, 192 for the embedded data")
+                        help="cap on the longer side; default 1333 for COCO-format data, 192 for the shapes data")
 
 
 def uses_embedded_data(args) -> bool:
@@ -106,12 +106,19 @@ def uses_embedded_data(args) -> bool:
 
 
 def resolve_sizes(args):
-    """Fill args.min_size / args.max_size when not given (the model must be built with the same values)."""
-    defaults = SHAPES_IMAGE_SIZE if uses_embedded_data(args) else COCO_SIZES
+    """Fill args.min_size / args.max_size when not given (the model must be built with the same values):
+    the generated size for the embedded data (or a --data-path holding a generated shapes dataset), else
+    torchvision's 800 / 1333."""
+    if uses_embedded_data(args):
+        defaults = SHAPES_IMAGE_SIZE
+    else:
+        shapes = _shapes_params(getattr(args, "data_path", None) or "")
+        defaults = (min(shapes["height"], shapes["width"]), max(shapes["height"], shapes["width"])) \
+            if shapes else COCO_SIZES
     if getattr(args, "min_size", None) is None:
         args.min_size = defaults[0]
-    if getattr(args, "max_size", None) is None:
-        args.max_size = max(defaults[1], args.min_size)
+    if getattr(args, "max_size", None) is None:  # keeps the default aspect cap when only min_size is given
+        args.max_size = max(defaults[1], round(args.min_size * defaults[1] / defaults[0]))
     return args.min_size, args.max_size
 
 
@@ -213,9 +220,18 @@ class CocoDetection(torch.utils.data.Dataset):
             info = self.coco.imgs[image_id]
             usable = 0
             for ann in self.coco.imgToAnns.get(image_id, []):
+                try:
+                    box = box_xyxy_in_image(ann["bbox"], info["height"], info["width"])
+                    known = ann["category_id"] in self.cat_to_label
+                except (KeyError, TypeError, ValueError) as e:
+                    raise UserError(f"annotation {ann.get('id')} of image {image_id} in {self.ann_file} is malformed "
+                                    f"({type(e).__name__}: {e}); fix the file or regenerate it") from None
+                if not known:
+                    raise UserError(f"annotation {ann.get('id')} in {self.ann_file} has category_id "
+                                    f"{ann['category_id']}, which 'categories' does not list; fix the file")
                 if ann.get("iscrowd", 0):
                     crowd += 1
-                elif box_xyxy_in_image(ann["bbox"], info["height"], info["width"]) is None:
+                elif box is None:
                     degenerate += 1
                 else:
                     usable += 1
@@ -362,14 +378,16 @@ def coco_results(output, target, input_hw, label_to_cat):
     """One image's detections as COCO result dicts in the file's pixel coordinates: (boxes, masks or None)."""
     h0, w0 = target["orig_size"]
     sy, sx = h0 / input_hw[0], w0 / input_hw[1]  # the model saw the resized image
-    boxes = output["boxes"].float().cpu() * torch.tensor([sx, sy, sx, sy])
+    # label 0 is background: R-CNNs never predict it, but RetinaNet/FCOS keep a (never positive) logit for it
+    keep = (output["labels"] > 0).cpu()
+    boxes = output["boxes"].float().cpu()[keep] * torch.tensor([sx, sy, sx, sy])
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    scores, labels = output["scores"].tolist(), output["labels"].tolist()
+    scores, labels = output["scores"].cpu()[keep].tolist(), output["labels"].cpu()[keep].tolist()
     box_results = [{"image_id": target["image_id"], "category_id": label_to_cat[label], "bbox": box,
                     "score": score} for box, label, score in zip(xywh, labels, scores)]
     if "masks" not in output:
         return box_results, None
-    masks = output["masks"].float().cpu()  # [N, 1, h, w] probabilities
+    masks = output["masks"].float().cpu()[keep]  # [N, 1, h, w] probabilities
     if len(masks):
         masks = nnf.interpolate(masks, size=(h0, w0), mode="bilinear", align_corners=False)
     binary = (masks[:, 0] > 0.5).numpy().astype(np.uint8)  # [N, h0, w0]
@@ -385,6 +403,8 @@ def coco_results(output, target, input_hw, label_to_cat):
 def coco_metrics(coco_gt: COCO, results: list, image_ids=None, iou_type: str = "bbox", verbose=False) -> dict:
     """COCOeval summary stats 0-5 as {AP, AP50, AP75, APs, APm, APl}; -1 where COCO has no GT of that size."""
     if not results:
+        if verbose:
+            print(f"IoU metric: {iou_type}: no detections, every metric is 0")
         return {k: 0.0 for k in METRIC_NAMES}
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
@@ -437,11 +457,13 @@ def ensure_shapes_dataset(root=SHAPES_ROOT, num_train=2000, num_val=500, image_s
 
 
 def _shapes_params(root):
+    """The generator parameters recorded in a shapes dataset folder, or None when it is not one."""
     try:
         with open(os.path.join(root, "params.json")) as f:
-            return json.load(f)
+            params = json.load(f)
     except (OSError, ValueError):
         return None
+    return params if isinstance(params, dict) and {"version", "height", "width"} <= set(params) else None
 
 
 def write_shapes_split(root, split, count, height, width, seed, split_index):
@@ -675,7 +697,7 @@ def visualize(model, dataset, device, count: int, out_dir: str, score_thresh=0.3
     for index in range(min(count, len(dataset))):
         image, target = dataset[index]
         output = model([image.to(device)])[0]
-        keep = output["scores"] >= score_thresh
+        keep = (output["scores"] >= score_thresh) & (output["labels"] > 0)
         picture = (image * 255).round().to(torch.uint8)
         picture = draw_bounding_boxes(picture, target["boxes"], colors="lime", width=1)
         labels = [f"{names[int(l)]} {s:.2f}" for l, s in zip(output["labels"][keep], output["scores"][keep])]
@@ -729,6 +751,7 @@ def write_json_atomic(path, data):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    torch.set_flush_denormal(True)  # CPU: denormal activations (weak or untrained models) make convs ~3x slower
     try:
         name = detectors.canonical_name(args.model)
     except ValueError as e:

@@ -35,7 +35,7 @@ CHECKPOINT_KIND = "unikd_checkpoint"
 # flags (torchvision's detection references where they overlap)
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="UniKD: train detectors, pretrain AKEs, distil students", add_help=True)
+    p = evaluation.ArgumentParser(description="UniKD: train detectors, pretrain AKEs, distil students", add_help=True)
     p.add_argument("--stage", default="train", choices=["train", "pretrain", "distill"])
     # models
     p.add_argument("--model", default="retinanet_r50", help="--stage train: detector to train")
@@ -46,18 +46,13 @@ def get_args_parser():
     p.add_argument("--method", default="unikd", choices=["unikd", "fitnet", "none"], help="distillation method")
     p.add_argument("--weights", default=None, help="initial weights of the trained detector (path or DEFAULT)")
     p.add_argument("--weights-backbone", default=None, help="ImageNet backbone weights, e.g. DEFAULT")
-    # data
-    p.add_argument("--data-path", default=None, help="COCO root (train2017/, val2017/, annotations/); "
-                                                     "default: the embedded synthetic dataset")
-    p.add_argument("--train-images", default=None)
-    p.add_argument("--train-ann", default=None)
-    p.add_argument("--val-images", default=None)
-    p.add_argument("--val-ann", default=None)
+    # data: --data-path, --train-images/--train-ann/--val-images/--val-ann, --min-size, --max-size (eval.py)
+    evaluation.add_data_args(p)
     p.add_argument("--shapes-train", default=2000, type=int, help="embedded dataset: training images")
     p.add_argument("--shapes-val", default=500, type=int, help="embedded dataset: validation images")
-    p.add_argument("--shapes-size", default=160, type=int, help="embedded dataset: image side in pixels")
-    p.add_argument("--min-size", default=None, type=int, help="shorter side (default 800 on COCO, image size on shapes)")
-    p.add_argument("--max-size", default=None, type=int, help="longer side cap (default 1333 on COCO)")
+    p.add_argument("--shapes-size", default=list(evaluation.SHAPES_IMAGE_SIZE), type=int, nargs="+",
+                   help="embedded dataset: image size, H W (or one number for square images)")
+    p.add_argument("--shapes-seed", default=0, type=int, help="embedded dataset: generator seed")
     p.add_argument("-j", "--workers", default=2, type=int)
     # schedule (the paper's 1x: 12 epochs, decay at 8 and 11)
     p.add_argument("--epochs", default=None, type=int, help="default 12 (train, distill), 15 (pretrain)")
@@ -75,8 +70,8 @@ def get_args_parser():
     # UniKD (paper defaults)
     p.add_argument("--num-queries", default=200, type=int, help="N, queries per AKE")
     p.add_argument("--extractor-layers", default=1, type=int, choices=[1, 2, 3], help="decoder layers in f_e")
-    p.add_argument("--adapter-layers", default=2, type=int, choices=[0, 1, 2, 3, 4],
-                   help="deformable self-attention layers in phi")
+    p.add_argument("--adapter-layers", default=None, type=int, choices=[0, 1, 2, 3, 4],
+                   help="deformable self-attention layers in phi (default: 2 for unikd, 1 for fitnet, as the paper)")
     p.add_argument("--lambda-ct", default=10.0, type=float, help="lambda_1 of Eq. (7)")
     p.add_argument("--lambda-pos", default=10.0, type=float, help="lambda_2 of Eq. (7)")
     p.add_argument("--fitnet-weight", default=1.0, type=float, help="weight of the FitNet feature loss")
@@ -157,12 +152,12 @@ class JsonlLogger:
 
 def build_data(args, with_masks):
     """Train/val datasets and loaders; the embedded dataset is generated on first use (rank 0 first)."""
-    if args.data_path is None and args.train_ann is None:
+    if args.embedded:
         if is_main(args):
-            args.shapes_root = evaluation.ensure_shapes_dataset(**shapes_kwargs(args))
+            evaluation.ensure_shapes_dataset(**shapes_kwargs(args))
         if args.distributed:
             dist.barrier()
-        args.shapes_root = evaluation.ensure_shapes_dataset(**shapes_kwargs(args))
+        args.data_path = evaluation.ensure_shapes_dataset(**shapes_kwargs(args))
     args.with_masks = with_masks
     train_ds, val_ds = evaluation.build_datasets(args)
     train_loader = evaluation.build_loader(train_ds, args.batch_size, train=True, workers=args.workers,
@@ -173,20 +168,23 @@ def build_data(args, with_masks):
 
 
 def shapes_kwargs(args):
-    default = (args.shapes_train, args.shapes_val, args.shapes_size, args.seed) == (2000, 500, 160, 0)
-    root = "data/shapes" if default else \
-        f"data/shapes_{args.shapes_train}x{args.shapes_val}_{args.shapes_size}px_s{args.seed}"
-    return dict(root=root, num_train=args.shapes_train, num_val=args.shapes_val, image_size=args.shapes_size,
-                seed=args.seed)
+    """data/shapes for the defaults; another folder per size/count/seed, so no generated set is ever replaced."""
+    size = tuple(args.shapes_size) * (2 if len(args.shapes_size) == 1 else 1)
+    default = (args.shapes_train, args.shapes_val, size, args.shapes_seed) == \
+        (2000, 500, evaluation.SHAPES_IMAGE_SIZE, 0)
+    root = evaluation.SHAPES_ROOT if default else \
+        f"{evaluation.SHAPES_ROOT}_{args.shapes_train}x{args.shapes_val}_{size[0]}x{size[1]}_s{args.shapes_seed}"
+    return dict(root=root, num_train=args.shapes_train, num_val=args.shapes_val, image_size=size, seed=args.shapes_seed)
 
 
 def set_size_defaults(args):
-    """COCO: 800/1333 (the paper); the embedded dataset: its own image size, no rescaling."""
-    embedded = args.data_path is None and args.train_ann is None
-    if args.min_size is None:
-        args.min_size = args.shapes_size if embedded else 800
-    if args.max_size is None:
-        args.max_size = max(args.min_size, args.shapes_size) if embedded else 1333
+    """COCO-format data: 800/1333 (the paper); the embedded dataset: its own image size, so nothing is rescaled."""
+    args.embedded = evaluation.uses_embedded_data(args)
+    if args.embedded:
+        size = shapes_kwargs(args)["image_size"]
+        args.min_size = args.min_size or min(size)
+        args.max_size = args.max_size or max(max(size), args.min_size)
+    evaluation.resolve_sizes(args)
 
 
 def to_device(images, targets, device):
@@ -291,6 +289,7 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
             optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step used
             scheduler.step()
             n_images += len(images) * args.world_size
             if it % args.print_freq == 0 or it == iters_per_epoch - 1:
@@ -298,7 +297,6 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
                 left = total_iters - (epoch * iters_per_epoch + it + 1)
                 eta = (time.time() - t_start) / max(1, done) * left
                 img_s = n_images / max(1e-9, time.time() - t_epoch)
-                lr = optimizer.param_groups[0]["lr"]
                 terms = "  ".join(f"{k} {v:.4f}" for k, v in logged.items())
                 log(args, f"epoch {epoch} [{it + 1}/{iters_per_epoch}]  loss {sum(logged.values()):.4f}  {terms}  "
                           f"lr {lr:.2e}  {img_s:.1f} img/s  eta {timedelta(seconds=int(eta))}")
@@ -544,6 +542,8 @@ def stage_distill(args, device):
     student = detectors.build_detector(student_name, train_ds.num_classes, weights=args.weights,
                                        weights_backbone=args.weights_backbone,
                                        min_size=args.min_size, max_size=args.max_size)
+    if args.adapter_layers is None:  # sec. 4.1: two layers for UniKD; sec. 4.3 (b): one for the modified FitNet
+        args.adapter_layers = 2 if args.method == "unikd" else 1
     model = Distiller(student, args.method, ake, args.adapter_layers).to(device)
     log(args, f"distill {student_name} from {blob['teacher']} with {args.method}; "
               f"trainable {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M parameters")
@@ -586,7 +586,7 @@ def main(argv=None):
             log(args, "--amp: bf16 autocast is GPU-only; training in fp32 on CPU")
         STAGES[args.stage](args, device)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(evaluation.user_error_line(e), file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -44,9 +44,10 @@ def sample_query_boxes(gt_boxes, num_queries=200, alpha=0.6, beta=0.4, generator
 
     Rows [0, num_pos) are one jittered box per GT, row i jittering gt_boxes[i], with IoU(row i, GT i) > alpha.
     Rows [num_pos, N) are random background boxes with max IoU over all GTs < beta. (IoUs are taken against the GTs
-    clipped into the image with sides >= MIN_BOX_SIZE, i.e. against the GTs themselves when they are valid.) Every box lies inside [0, 1]^2
-    with both sides >= MIN_BOX_SIZE. With more GTs than N, the first N GTs are kept (row i <-> GT i stays the whole
-    contract, so a caller that prefers other GTs reorders them first) and there is no background row.
+    clipped into the image with sides >= MIN_BOX_SIZE, i.e. against the GTs themselves when they are valid.)
+    Every box lies inside [0, 1]^2 with both sides >= MIN_BOX_SIZE. With more GTs than N, the first N GTs are kept
+    (row i <-> GT i stays the whole contract, so a caller that prefers other GTs reorders them first) and there is no
+    background row.
     Randomness comes only from `generator` (the sampling runs on its device, the result moves to gt_boxes' device),
     so a seeded generator gives the same boxes. Vectorised: one pass for all jitters, a few batches for background.
     """
@@ -104,12 +105,13 @@ def random_boxes(gt_xyxy, count, generator, device):
     wh = uniform((2, anywhere), math.log(1 / 64), math.log(1 / 2), generator, device).exp()
     boxes = [boxes_from_centres(cx, cy, wh[0], wh[1])]
     if around:
-        pick = (torch.rand(around, generator=generator, device=device) * len(gt_xyxy)).long().clamp(max=len(gt_xyxy) - 1)
+        pick = (uniform(around, 0, 1, generator, device) * len(gt_xyxy)).long().clamp(max=len(gt_xyxy) - 1)
         gcx, gcy, gw, gh = box_convert(gt_xyxy[pick], "xyxy", "cxcywh").unbind(-1)
         shift = uniform((2, around), -1, 1, generator, device)
         scale = uniform((2, around), math.log(0.4), math.log(2.5), generator, device).exp()
         boxes.append(boxes_from_centres(gcx + shift[0] * gw, gcy + shift[1] * gh, gw * scale[0], gh * scale[1]))
-    return torch.cat(boxes)
+    boxes = torch.cat(boxes)
+    return boxes[torch.randperm(len(boxes), generator=generator, device=device)]  # mixed, so a prefix takes both kinds
 
 
 def below_beta(boxes, gt_xyxy, beta):
@@ -226,7 +228,8 @@ def set_loss(pred_logits, pred_boxes, targets, indices, num_boxes, focal_alpha=0
 # Transformer layers (Deformable DETR's, post-norm) on top of MSDA
 
 class FeatureMemory(NamedTuple):
-    """Flattened levels for MSDA: value [B, S, C] (level embedding added), spatial_shapes [L, 2], level_start_index [L]."""
+    """Flattened levels for MSDA: value [B, S, C] (level embedding added), spatial_shapes [L, 2],
+    level_start_index [L]."""
     value: torch.Tensor
     spatial_shapes: torch.Tensor
     level_start_index: torch.Tensor
@@ -390,7 +393,7 @@ class AKE(nn.Module):
 
     def extract(self, queries, feats, return_sampling=False):
         """Eq. (5): z = f_e(q, F*) -> [B, N, C]. With return_sampling, also the list over f_e's layers of
-        (sampling_locations [B, N, H, L, P, 2], attention_weights [B, N, H, L, P]) -- where the queries look (Fig. 4)."""
+        (sampling_locations [B, N, H, L, P, 2], attention_weights [B, N, H, L, P]): where the queries look (Fig. 4)."""
         memory = self.memory(feats)
         pos = self.query_pos(queries.tgt.shape[0])
         z, samplings = queries.tgt, []
@@ -467,6 +470,8 @@ class UniKD(nn.Module):
         if mode == "pretrain":
             return self.pretrain_loss(teacher_feats, targets, generator)
         if mode == "distill":
+            if student_features is None:
+                raise ValueError("mode='distill' needs student_features: the adapted student levels phi(F^S)")
             return self.distill_loss(teacher_feats, student_features, targets, lambda_ct, lambda_pos, generator)
         raise ValueError(f"mode must be 'pretrain' or 'distill', got {mode!r}")
 
@@ -503,7 +508,7 @@ class UniKD(nn.Module):
         return losses
 
     def content_predictions(self, teacher_feats):
-        """FFN(z_ct^T) -> (logits [B, N, K], boxes [B, N, 4] cxcywh): the content AKE as a detector (for its COCO AP)."""
+        """FFN(z_ct^T) -> (logits [B, N, K], boxes [B, N, 4] cxcywh): the content AKE as a detector (its COCO AP)."""
         q = self.ake_ct.generate_queries(teacher_feats)
         return self.ake_ct.head(self.ake_ct.extract(q, teacher_feats), q)
 
@@ -557,7 +562,8 @@ def count_parameters(model):
         return sum(p.numel() for p in m.parameters())
     heads = sum(n(a.class_head) + n(a.box_head) for a in (model.ake_ct, model.ake_pos))
     total = n(model.ake_ct) + n(model.ake_pos)
-    return {"ake_ct": n(model.ake_ct), "ake_pos": n(model.ake_pos), "total": total, "total_without_heads": total - heads}
+    return {"ake_ct": n(model.ake_ct), "ake_pos": n(model.ake_pos), "total": total,
+            "total_without_heads": total - heads}
 
 
 class Adapter(nn.Module):
