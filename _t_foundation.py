@@ -239,6 +239,11 @@ def shapes(tmp_path_factory):
     return ev.ensure_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), num_train=12, num_val=6)
 
 
+def shapes_split(shapes, split, **kwargs):
+    return ev.CocoDetection(os.path.join(shapes, f"{split}2017"),
+                            os.path.join(shapes, f"annotations/instances_{split}2017.json"), **kwargs)
+
+
 def test_shapes_dataset_is_coco_deterministic_and_varied(shapes, tmp_path):
     again = ev.ensure_shapes_dataset(str(tmp_path / "again"), num_train=12, num_val=6)
     assert ev.ensure_shapes_dataset(shapes, num_train=12, num_val=6) == shapes  # second call: reused
@@ -277,9 +282,7 @@ def colour_under(image_uint8, mask):
 
 @pytest.mark.parametrize("min_size,max_size", [(128, 192), (64, 1000)])
 def test_loader_boxes_and_masks_land_on_the_drawn_shapes_after_resize_and_flip(shapes, min_size, max_size):
-    dataset = ev.CocoDetection(os.path.join(shapes, "train2017"),
-                               os.path.join(shapes, "annotations/instances_train2017.json"),
-                               train=True, min_size=min_size, max_size=max_size, with_masks=True)
+    dataset = shapes_split(shapes, "train", train=True, min_size=min_size, max_size=max_size, with_masks=True)
     dataset.flip = v2.RandomHorizontalFlip(1.0)  # always flip, so the test knows
     loader = ev.build_loader(dataset, batch_size=4, train=False)
     scale = min_size / H
@@ -317,8 +320,7 @@ def test_loader_boxes_and_masks_land_on_the_drawn_shapes_after_resize_and_flip(s
 
 
 def test_unresized_val_image_is_the_file(shapes):
-    dataset = ev.CocoDetection(os.path.join(shapes, "val2017"), os.path.join(shapes, "annotations/instances_val2017.json"),
-                               train=False, min_size=H, max_size=W)
+    dataset = shapes_split(shapes, "val", train=False, min_size=H, max_size=W)
     image, target = dataset[0]
     info = dataset.coco.imgs[target["image_id"]]
     raw = np.asarray(Image.open(os.path.join(shapes, "val2017", info["file_name"])).convert("RGB"))
@@ -380,8 +382,7 @@ class Oracle(torch.nn.Module):
 
 
 def val_loader(shapes, min_size, max_size, with_masks=False):
-    dataset = ev.CocoDetection(os.path.join(shapes, "val2017"), os.path.join(shapes, "annotations/instances_val2017.json"),
-                               train=False, min_size=min_size, max_size=max_size, with_masks=with_masks)
+    dataset = shapes_split(shapes, "val", train=False, min_size=min_size, max_size=max_size, with_masks=with_masks)
     return ev.build_loader(dataset, batch_size=4, train=False)
 
 
@@ -495,9 +496,7 @@ def _ddp_worker(rank, world_size, init_file, shapes, results_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        dataset = ev.CocoDetection(os.path.join(shapes, "val2017"),
-                                   os.path.join(shapes, "annotations/instances_val2017.json"),
-                                   train=False, min_size=64, max_size=96)
+        dataset = shapes_split(shapes, "val", train=False, min_size=64, max_size=96)
         loader = ev.build_loader(dataset, batch_size=2, train=False, distributed=True)
         metrics = ev.evaluate(Oracle(loader), loader, "cpu")
         # the hook through a DDP wrapper: features come back and gradients still synchronise

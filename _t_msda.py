@@ -96,6 +96,7 @@ CASES = {
     "mixed_with_1x1_level": lambda: random_case(2, 5, 2, 8, [(4, 6), (2, 3), (1, 1)], 2, seed=0),
     "C30": lambda: random_case(1, 3, 2, 30, [(3, 5), (2, 2)], 2, seed=1),
     "C71_H1_P1_L1": lambda: random_case(1, 4, 1, 71, [(3, 4)], 1, seed=2),
+    "Q70_two_query_blocks": lambda: random_case(1, 70, 1, 4, [(5, 3)], 1, seed=10),
     "pixel_centres_edges_outside": exact_points_case,
 }
 
@@ -123,9 +124,10 @@ def test_grid_sample_baseline_matches_oracle():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_gradients_match_grid_sample_autograd(backend):
-    """The fp32 kernels' gradients against autograd through the grid_sample formulation."""
-    value, spatial_shapes, level_start_index, loc, attn = random_case(2, 5, 2, 7, [(4, 6), (2, 3)], 3, seed=4)
-    grad_out = torch.randn(2, 5, 2 * 7, generator=torch.Generator().manual_seed(5))
+    """The fp32 kernels' gradients against autograd through the grid_sample formulation; Q = 70
+    spans two Triton query blocks."""
+    value, spatial_shapes, level_start_index, loc, attn = random_case(2, 70, 2, 7, [(4, 6), (2, 3)], 3, seed=4)
+    grad_out = torch.randn(2, 70, 2 * 7, generator=torch.Generator().manual_seed(5))
     grads = {}
     for name, fn in (("ref", msda.ms_deform_attn_grid_sample),
                      ("ours", lambda *a: ms_deform_attn(*a, backend=backend))):
@@ -229,6 +231,35 @@ def test_strided_inputs_match_contiguous(backend):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
 
 
+def test_torch_path_in_many_chunks_matches_oracle(monkeypatch):
+    """Rows split over several chunks and scatter pieces (the bench sizes use them; small tests would
+    otherwise run in one), forward and gradients vs the single-chunk path and the oracle."""
+    case = random_case(2, 5, 3, 6, [(4, 6), (2, 3)], 2, seed=11)
+    grad_out = torch.randn(2, 5, 3 * 6, generator=torch.Generator().manual_seed(12))
+    results = []
+    for rows, scatter in ((1 << 14, 512), (7, 3)):
+        monkeypatch.setattr(msda, "_CPU_ROWS_PER_CHUNK", rows)
+        monkeypatch.setattr(msda, "_CPU_ROWS_PER_SCATTER", scatter)
+        leaves = [t.clone().requires_grad_(True) for t in (case[0], case[3], case[4])]
+        out = ms_deform_attn(leaves[0], case[1], case[2], leaves[1], leaves[2], backend="torch")
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    torch.testing.assert_close(results[1][0].double(), oracle(*case), rtol=1e-5, atol=2e-5)
+    for single, chunked in zip(*results):
+        torch.testing.assert_close(chunked, single, rtol=1e-6, atol=1e-6)
+
+
+def test_tap_gradient_variants_agree():
+    """dL/dw by sampled_addmm (CPU) and by gather + bmm (other devices) vs an explicit dot product."""
+    value, spatial_shapes, level_start_index, loc, attn = random_case(1, 3, 2, 5, [(3, 4)], 2, seed=13)
+    B, S, H, C = value.shape
+    geo = msda._LevelGeometry(spatial_shapes, level_start_index, B, S, H, 2, torch.float32)
+    taps = msda._bilinear_taps(geo, loc.reshape(6, 2, 2), attn.reshape(6, 2), range(0, 6), 3 * H)
+    table, grad_rows = value.reshape(-1, C), torch.randn(6, C)
+    expected = (table[taps.idx] * grad_rows[:, None, :]).sum(-1)
+    for sparse in (True, False):
+        torch.testing.assert_close(msda._tap_grads(table, taps, grad_rows, sparse), expected)
+
+
 def test_backend_auto_is_torch_on_cpu_and_unknown_backend_rejected():
     case = CASES["C30"]()
     torch.testing.assert_close(ms_deform_attn(*case), ms_deform_attn(*case, backend="torch"))
@@ -240,32 +271,32 @@ def test_backend_auto_is_torch_on_cpu_and_unknown_backend_rejected():
 # Input validation
 # ----------------------------------------------------------------------------------------------
 
-def _bad(name):
+# name: (argument, how to break it, what the error must say)
+BAD_INPUTS = {
+    "shapes_int32": ("spatial_shapes", lambda t: t.int(), r"spatial_shapes: expected an int64 tensor \[L, 2\]"),
+    "shapes_1d": ("spatial_shapes", lambda t: t.view(-1), r"spatial_shapes: expected shape \[L, 2\]"),
+    "S_mismatch": ("value", lambda t: t[:, :-1], r"value: expected S = sum_l H_l\*W_l = 16"),
+    "value_3d": ("value", lambda t: t.flatten(2), r"value: expected shape \[B, S, H, C\]"),
+    "value_int": ("value", lambda t: t.long(), r"value: expected a float16/bfloat16/float32/float64"),
+    "starts_wrong": ("level_start_index", lambda t: t + 1, r"level_start_index: expected \[0, 12\]"),
+    "starts_int32": ("level_start_index", lambda t: t.int(), r"level_start_index: expected an int64"),
+    "locations_L": ("sampling_locations", lambda t: t[:, :, :, :1],
+                    r"sampling_locations: expected shape \[B, Q, H, L, P, 2\]"),
+    "locations_H": ("sampling_locations", lambda t: t[:, :, :1],
+                    r"sampling_locations: expected shape .*= \[1, Q, 2, 2, P, 2\]"),
+    "weights_P": ("attention_weights", lambda t: t[..., :1],
+                  r"attention_weights: expected shape \[B, Q, H, L, P\] = \[1, 2, 2, 2, 2\]"),
+    "weights_list": ("attention_weights", lambda t: t.tolist(), r"attention_weights: expected a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_raises_value_error_naming_argument(name):
     value, spatial_shapes, level_start_index, loc, attn = random_case(1, 2, 2, 4, [(3, 4), (2, 2)], 2, seed=0)
     args = dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
                 sampling_locations=loc, attention_weights=attn)
-    edits = {
-        "shapes_int32": ("spatial_shapes", spatial_shapes.int(), r"spatial_shapes: expected an int64 tensor \[L, 2\]"),
-        "shapes_1d": ("spatial_shapes", spatial_shapes.view(-1), r"spatial_shapes: expected shape \[L, 2\]"),
-        "S_mismatch": ("value", value[:, :-1], r"value: expected S = sum_l H_l\*W_l = 16"),
-        "value_3d": ("value", value.flatten(2), r"value: expected shape \[B, S, H, C\]"),
-        "value_int": ("value", value.long(), r"value: expected a float16/bfloat16/float32/float64"),
-        "starts_wrong": ("level_start_index", level_start_index + 1, r"level_start_index: expected \[0, 12\]"),
-        "starts_int32": ("level_start_index", level_start_index.int(), r"level_start_index: expected an int64"),
-        "loc_L": ("sampling_locations", loc[:, :, :, :1], r"sampling_locations: expected shape \[B, Q, H, L, P, 2\]"),
-        "loc_H": ("sampling_locations", loc[:, :, :1], r"sampling_locations: expected shape .*= \[1, Q, 2, 2, P, 2\]"),
-        "weights_P": ("attention_weights", attn[..., :1], r"attention_weights: expected shape \[B, Q, H, L, P\] = \[1, 2, 2, 2, 2\]"),
-        "weights_not_tensor": ("attention_weights", attn.tolist(), r"attention_weights: expected a torch.Tensor"),
-    }
-    key, bad_value, pattern = edits[name]
-    args[key] = bad_value
-    return args, pattern
-
-
-@pytest.mark.parametrize("name", ["shapes_int32", "shapes_1d", "S_mismatch", "value_3d", "value_int", "starts_wrong",
-                                  "starts_int32", "loc_L", "loc_H", "weights_P", "weights_not_tensor"])
-def test_bad_input_raises_value_error_naming_argument(name):
-    args, pattern = _bad(name)
+    key, corrupt, pattern = BAD_INPUTS[name]
+    args[key] = corrupt(args[key])
     with pytest.raises(ValueError, match=pattern):
         ms_deform_attn(**args)
 
@@ -369,4 +400,5 @@ def test_triton_kernels_compile_for_sm90():
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for kernel in ("_msda_fwd_kernel", "_msda_bwd_kernel"):
-        assert f"{kernel}: sm_90 PTX" in proc.stdout
+        for dtype in ("fp32", "bf16"):
+            assert f"{kernel} {dtype}: sm_90 PTX" in proc.stdout

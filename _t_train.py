@@ -118,3 +118,120 @@ def test_bad_annotations_and_images(tmp_path):
     res = run(flags + ["--train-images", str(imgs), "--train-ann", str(good), "--val-images", str(imgs),
                        "--val-ann", str(good)], tmp_path)
     assert_user_error(res, "broken.jpg")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# distillation steps with real torchvision detectors (train.Distiller, as --stage distill runs it)
+
+def tiny_batch(num_classes, size=(64, 96), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, *size, generator=g) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]]),
+                "labels": torch.tensor([1, num_classes - 1])} for _ in range(2)]
+    return images, targets
+
+
+def distill_step(teacher_name, student_name, method):
+    import detectors
+    import train
+    import unikd
+    torch.manual_seed(0)
+    num_classes = 4  # 3 foreground classes + background
+    kw = dict(min_size=64, max_size=96)
+    teacher = detectors.build_detector(teacher_name, num_classes, **kw).eval().requires_grad_(False)
+    student = detectors.build_detector(student_name, num_classes, **kw)
+    ake = unikd.UniKD(num_classes=num_classes - 1, num_queries=20) if method == "unikd" else None
+    model = train.Distiller(student, method, ake, adapter_layers=1 if method == "fitnet" else 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    frozen = {**{f"t.{k}": v.clone() for k, v in teacher.state_dict().items()},
+              **({f"a.{k}": v.clone() for k, v in ake.state_dict().items()} if ake else {})}
+    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    images, targets = tiny_batch(num_classes)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        feats = detectors.forward_features(teacher, images, targets).features
+    losses = model(images, targets, feats, gen)
+    opt.zero_grad()
+    sum(losses.values()).backward()
+    opt.step()
+    after = {**{f"t.{k}": v for k, v in teacher.state_dict().items()},
+             **({f"a.{k}": v for k, v in ake.state_dict().items()} if ake else {})}
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen), "teacher or AKE changed"
+    assert all(p.grad is None for p in teacher.parameters())
+    if ake is not None:
+        assert all(p.grad is None and not p.requires_grad for p in ake.parameters())
+    changed = {k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(before[k], v)}
+    assert any(k.startswith("student.backbone.body") for k in changed), "the student backbone did not learn"
+    assert any(k.startswith("adapter.") for k in changed), "phi did not learn"
+    return losses
+
+
+@pytest.mark.parametrize("teacher,student", [("retinanet_r50", "fcos_r18"), ("faster_rcnn_r50", "retinanet_r18"),
+                                             ("fcos_r50", "faster_rcnn_r18")])
+def test_unikd_distill_step_between_detector_families(teacher, student):
+    losses = distill_step(teacher, student, "unikd")
+    assert {"loss_kd_ct", "loss_kd_pos"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_kd_ct"] > 0 and losses["loss_kd_pos"] > 0
+
+
+def test_fitnet_distill_step():
+    losses = distill_step("retinanet_r50", "fcos_r18", "fitnet")
+    assert losses["loss_fitnet"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --stage pretrain / distill from the command line: used-by commands and bad input
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """teacher (tiny fcos_r18 run) -> --stage pretrain -> ake.pth, in one scratch folder."""
+    cwd = tmp_path_factory.mktemp("pretrain")
+    one = ["--epochs", "1", "--num-queries", "20"] + TINY
+    res = run(["--stage", "train", "--model", "fcos_r18", "--max-iters", "1"] + one, cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run(["--stage", "pretrain", "--teacher", "fcos_r18"] + one, cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "AP " in res.stdout and "ake_ct" in res.stdout  # the AKE's own COCO AP and parameter counts
+    blob = torch.load(cwd / "runs" / "pretrain_fcos_r18" / "ake.pth", map_location="cpu", weights_only=False)
+    assert blob["teacher"] == "fcos_r18" and blob["num_classes"] == 9
+    return cwd, one
+
+
+def test_distill_uses_newest_ake_and_writes_student(pretrained):
+    import detectors
+    cwd, one = pretrained
+    res = run(["--stage", "distill", "--student", "retinanet_r18"] + one, cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "runs/pretrain_fcos_r18/ake.pth" in res.stdout.splitlines()[0]
+    state = torch.load(cwd / "runs" / "distill_retinanet_r18" / "student.pth", map_location="cpu")
+    student = detectors.build_detector("retinanet_r18", 9, min_size=64, max_size=64)
+    student.load_state_dict(state)  # the student alone, loadable by the matching builder
+
+
+def test_pretrain_and_distill_bad_input(pretrained, tmp_path):
+    cwd, one = pretrained
+    # no teacher weights anywhere
+    res = run(["--stage", "pretrain", "--teacher", "retinanet_r18"] + one, tmp_path)
+    assert_user_error(res, "--stage train --model retinanet_r18")
+    # no AKE anywhere
+    res = run(["--stage", "distill", "--student", "fcos_r18"] + one, tmp_path)
+    assert_user_error(res, "--stage pretrain")
+    # --ake pointing at a file that is not an AKE
+    not_ake = cwd / "runs" / "train_fcos_r18" / "model.pth"
+    res = run(["--stage", "distill", "--student", "fcos_r18", "--ake", str(not_ake), "--output-dir",
+               str(tmp_path / "a")] + one, cwd)
+    assert_user_error(res, "not an AKE")
+    ake = cwd / "runs" / "pretrain_fcos_r18" / "ake.pth"
+    # an AKE of another teacher than --teacher says
+    res = run(["--stage", "distill", "--student", "fcos_r18", "--ake", str(ake), "--teacher", "retinanet_r50",
+               "--output-dir", str(tmp_path / "b")] + one, cwd)
+    assert_user_error(res, "fcos_r18", "retinanet_r50")
+    # an AKE trained for another class count
+    blob = torch.load(ake, map_location="cpu", weights_only=False)
+    blob["num_classes"] = 81
+    other = tmp_path / "ake_coco.pth"
+    torch.save(blob, other)
+    res = run(["--stage", "distill", "--student", "fcos_r18", "--ake", str(other), "--output-dir",
+               str(tmp_path / "c")] + one, cwd)
+    assert_user_error(res, "80 classes")

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torchvision
-from torch import nn, Tensor
+from torch import nn
 from torchvision.models.detection import (
     FasterRCNN, FCOS, MaskRCNN, RetinaNet,
     FasterRCNN_ResNet50_FPN_V2_Weights, FasterRCNN_ResNet50_FPN_Weights, FCOS_ResNet50_FPN_Weights,

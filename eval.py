@@ -498,7 +498,8 @@ def render_shapes_image(rng, height, width, min_visible=0.5, max_tries=20):
 
     Occlusion: each new shape is rejected (and re-placed) if it would leave any shape, itself included, with
     less than min_visible of its area in view (frame truncation counts too) or below its size bucket's floor,
-    so every painted shape is annotated, from its visible pixels. Returns (uint8 [H, W, 3], objects with label, visible mask, colour).
+    so every painted shape is annotated, from its visible pixels.
+    Returns (uint8 [H, W, 3], [{label, mask: visible uint8 [H, W], color: [r, g, b]}, ...]).
     """
     canvas = background(rng, height, width)
     owner = np.full((height, width), -1, np.int64)  # index of the shape that shows at each pixel
