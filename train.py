@@ -13,6 +13,7 @@ import glob
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from datetime import timedelta
@@ -75,6 +76,9 @@ def get_args_parser():
     p.add_argument("--lambda-ct", default=10.0, type=float, help="lambda_1 of Eq. (7)")
     p.add_argument("--lambda-pos", default=10.0, type=float, help="lambda_2 of Eq. (7)")
     p.add_argument("--fitnet-weight", default=1.0, type=float, help="weight of the FitNet feature loss")
+    p.add_argument("--kd-cost", default=0, type=int, metavar="STEPS",
+                   help="--stage distill: instead of training, time STEPS online KD steps against teacher forward + "
+                        "student step (no KD) on the same batches, print the medians and their ratio")
     # bookkeeping
     p.add_argument("--output-dir", default=None, help="default runs/<stage>_<model>")
     p.add_argument("--resume", default=None, help="checkpoint.pth to continue from")
@@ -525,7 +529,8 @@ def stage_distill(args, device):
     set_schedule_defaults(args, family_of(student_name), epochs=12)
     ake_path = args.ake or newest_ake()
     suffix = "" if args.method == "unikd" else f"_{args.method}"
-    prepare_output_dir(args, f"distill_{student_name}{suffix}")
+    if not args.kd_cost:
+        prepare_output_dir(args, f"distill_{student_name}{suffix}")
     log(args, f"AKE: {ake_path}" + ("" if args.ake else " (newest runs/pretrain_*/ake.pth; pass --ake to choose)"))
     train_ds, train_loader, val_loader = build_data(args, with_masks=family_of(student_name) == "mask_rcnn")
     blob = load_ake(ake_path, train_ds.num_classes, teacher=args.teacher)
@@ -558,6 +563,9 @@ def stage_distill(args, device):
                 feats = detectors.forward_features(teacher, images, targets).features
         return ddp_model(images, targets, feats, generator, (args.lambda_ct, args.lambda_pos), args.fitnet_weight)
 
+    if args.kd_cost:
+        return benchmark_kd_cost(args, device, loss_fn, teacher, student, params, train_loader)
+
     def save(epoch, metrics):
         atomic_save(student.state_dict(), os.path.join(args.output_dir, "student.pth"))
         atomic_save({"model": student.state_dict(), "model_name": student_name, "num_classes": train_ds.num_classes,
@@ -566,6 +574,48 @@ def stage_distill(args, device):
 
     return fit(args, device, model, loss_fn, params, sgd(params, args), train_loader,
                lambda: evaluation.evaluate(student, val_loader, device), save)
+
+
+def benchmark_kd_cost(args, device, kd_loss_fn, teacher, student, params, train_loader):
+    """Median step time of online distillation vs the same step without KD (teacher forward + student train step),
+    alternating the two on the same batches after 2 warm-up steps each; prints both and their ratio."""
+    if teacher is None:
+        raise UserError("--kd-cost times the KD overhead; it needs --method unikd or fitnet")
+    optimizer = sgd(params, args)
+
+    def plain_loss_fn(images, targets):
+        with torch.no_grad():
+            detectors.forward_features(teacher, images, targets)
+        return student(images, targets)
+
+    def step_seconds(loss_fn, images, targets):
+        t0 = time.perf_counter()
+        with autocast(args, device):
+            loss = sum(loss_fn(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    times = {"plain": [], "kd": []}
+    batches = iter(train_loader)
+    for i in range(args.kd_cost + 2):
+        try:
+            images, targets = to_device(*next(batches), device)
+        except StopIteration:
+            batches = iter(train_loader)
+            images, targets = to_device(*next(batches), device)
+        plain, kd = step_seconds(plain_loss_fn, images, targets), step_seconds(kd_loss_fn, images, targets)
+        if i >= 2:
+            times["plain"].append(plain)
+            times["kd"].append(kd)
+    plain, kd = statistics.median(times["plain"]), statistics.median(times["kd"])
+    log(args, f"kd cost over {args.kd_cost} steps of batch {args.batch_size} at {args.min_size}/{args.max_size}: "
+              f"teacher forward + student step {plain * 1e3:.0f} ms, online {args.method} step {kd * 1e3:.0f} ms "
+              f"(median), ratio {kd / plain:.3f}")
+    return {"plain_s": plain, "kd_s": kd, "ratio": kd / plain}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

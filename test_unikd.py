@@ -1,0 +1,1523 @@
+"""The tests of the UniKD reference implementation (CPU; run: python -m pytest -q -x test_unikd.py).
+
+Every numeric test checks against an independent computation (a per-sample loop, brute force, a closed form,
+COCOeval of the ground truth, pixels of the drawn shapes), never against the code path under test.
+The Triton kernels run on CPU tensors under TRITON_INTERPRET=1, set here before triton is imported.
+"""
+import os  # noqa: I001
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import copy
+import itertools
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import numpy as np
+import torchvision
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torchvision.transforms import v2
+import torch.nn.functional as F
+from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
+
+import deform_attn_triton as msda
+from deform_attn_triton import MSDeformAttn, flatten_levels, ms_deform_attn
+import detectors
+import eval as ev
+import unikd
+
+torch.set_num_threads(1)  # robust on a shared 2-core box (OpenMP threads stall when the other core is busy)
+torch.set_flush_denormal(True)  # untrained models in eval mode produce denormals: ~3x slower convs on CPU
+
+
+# ====================================================================================================================
+# multi-scale deformable attention (deform_attn_triton.py)
+# ====================================================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BACKENDS = ["torch"] + (["triton"] if msda.triton is not None else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent oracle and input builders
+# ----------------------------------------------------------------------------------------------
+
+def oracle(value, spatial_shapes, level_start_index, loc, attn):
+    """MSDA as an explicit loop over samples and their 4 neighbours, in float64, straight from the
+    definition: weight of pixel (i, j) = (1 - |x - j|)(1 - |y - i|), pixel centres at (k + 0.5)/W."""
+    value, loc, attn = value.double(), loc.double(), attn.double()
+    B, S, H, C = value.shape
+    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    out = torch.zeros(B, Q, H, C, dtype=torch.float64)
+    for b in range(B):
+        for q in range(Q):
+            for h in range(H):
+                for l in range(L):
+                    h_l, w_l = (int(v) for v in spatial_shapes[l])
+                    start = int(level_start_index[l])
+                    for p in range(P):
+                        x = float(loc[b, q, h, l, p, 0]) * w_l - 0.5
+                        y = float(loc[b, q, h, l, p, 1]) * h_l - 0.5
+                        for i in (math.floor(y), math.floor(y) + 1):
+                            for j in (math.floor(x), math.floor(x) + 1):
+                                if 0 <= i < h_l and 0 <= j < w_l:
+                                    weight = (1 - abs(x - j)) * (1 - abs(y - i)) * float(attn[b, q, h, l, p])
+                                    out[b, q, h] += weight * value[b, start + i * w_l + j, h]
+    return out.view(B, Q, H * C)
+
+
+def level_index(shapes):
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
+    sizes = spatial_shapes.prod(1)
+    return spatial_shapes, torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+
+
+def random_case(B, Q, H, C, shapes, P, seed, lo=-0.25, hi=1.25, dtype=torch.float32):
+    """Random inputs; locations in [lo, hi] so some samples are partly or fully outside the map."""
+    gen = torch.Generator().manual_seed(seed)
+    spatial_shapes, level_start_index = level_index(shapes)
+    S, L = int(spatial_shapes.prod(1).sum()), len(shapes)
+    value = torch.randn(B, S, H, C, generator=gen, dtype=dtype)
+    loc = lo + (hi - lo) * torch.rand(B, Q, H, L, P, 2, generator=gen, dtype=dtype)
+    attn = torch.rand(B, Q, H, L, P, generator=gen, dtype=dtype)
+    return value, spatial_shapes, level_start_index, loc, attn
+
+
+def exact_points_case():
+    """Samples exactly on pixel centres, on the map's edges (loc 0 and 1), at pixel coordinate -1
+    and W (the corners inside get weight exactly 0), and outside. Level sizes are powers of two, so
+    every such location is exact in binary."""
+    shapes = [(4, 8), (1, 1), (2, 4)]
+    spatial_shapes, level_start_index = level_index(shapes)
+    gen = torch.Generator().manual_seed(3)
+    S = int(spatial_shapes.prod(1).sum())
+    B, Q, H, C, L, P = 1, 6, 2, 5, 3, 4
+    value = torch.randn(B, S, H, C, generator=gen)
+    size = spatial_shapes.flip(-1).float().view(1, 1, 1, L, 1, 2).expand(B, Q, H, L, P, 2)   # (W, H)
+    centre = torch.floor(torch.rand(size.shape, generator=gen) * size)         # a pixel index
+    # candidate pixel coordinates x = loc * W - 0.5
+    candidates = torch.stack([centre, torch.full_like(size, -0.5), size - 0.5, torch.full_like(size, -1.0),
+                              size, torch.full_like(size, -1.5), size + 2], dim=-1)
+    choice = torch.randint(0, candidates.shape[-1], size.shape, generator=gen)
+    choice[:, 0] = 0                                                             # query 0: all on centres
+    x = candidates.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    loc = (x + 0.5) / size
+    attn = torch.rand(B, Q, H, L, P, generator=gen)
+    return value, spatial_shapes, level_start_index, loc, attn
+
+
+CASES = {
+    # name: builder -> (value, spatial_shapes, level_start_index, loc, attn)
+    "mixed_with_1x1_level": lambda: random_case(2, 5, 2, 8, [(4, 6), (2, 3), (1, 1)], 2, seed=0),
+    "C30": lambda: random_case(1, 3, 2, 30, [(3, 5), (2, 2)], 2, seed=1),
+    "C71_H1_P1_L1": lambda: random_case(1, 4, 1, 71, [(3, 4)], 1, seed=2),
+    "Q70_two_query_blocks": lambda: random_case(1, 70, 1, 4, [(5, 3)], 1, seed=10),
+    "pixel_centres_edges_outside": exact_points_case,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and backward against independent computations
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_matches_oracle(backend, case):
+    value, spatial_shapes, level_start_index, loc, attn = CASES[case]()
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, loc, attn, backend=backend)
+    expected = oracle(value, spatial_shapes, level_start_index, loc, attn)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    # fp32 sums of <= 4*L*P products of O(1) numbers: rounding stays far below 2e-5
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=2e-5)
+
+
+def test_grid_sample_baseline_matches_oracle():
+    case = CASES["mixed_with_1x1_level"]()
+    torch.testing.assert_close(msda.ms_deform_attn_grid_sample(*case).double(), oracle(*case),
+                               rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_gradients_match_grid_sample_autograd(backend):
+    """The fp32 kernels' gradients against autograd through the grid_sample formulation; Q = 70
+    spans two Triton query blocks."""
+    value, spatial_shapes, level_start_index, loc, attn = random_case(2, 70, 2, 7, [(4, 6), (2, 3)], 3, seed=4)
+    grad_out = torch.randn(2, 70, 2 * 7, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for name, fn in (("ref", msda.ms_deform_attn_grid_sample),
+                     ("ours", lambda *a: ms_deform_attn(*a, backend=backend))):
+        leaves = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
+        out = fn(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
+        grads[name] = torch.autograd.grad(out, leaves, grad_out)
+    for ours, ref in zip(grads["ours"], grads["ref"]):
+        # location gradients carry a factor W_l or H_l (<= 6 here): scale atol accordingly
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def gradcheck_case():
+    """Float64 inputs whose pixel coordinates keep >= 0.2 px from integer knots (where the location
+    gradient is one-sided); the lower corners sweep every case of 0, 1 or 2 neighbours inside per axis."""
+    shapes = [(3, 4), (2, 2)]
+    spatial_shapes, level_start_index = level_index(shapes)
+    gen = torch.Generator().manual_seed(7)
+    B, Q, H, C, L, P = 1, 4, 2, 3, 2, 2
+    S = int(spatial_shapes.prod(1).sum())
+    value = torch.randn(B, S, H, C, generator=gen, dtype=torch.float64)
+    wh = spatial_shapes.flip(-1).double().view(1, 1, 1, L, 1, 2).expand(B, Q, H, L, P, 2)
+    knot = (torch.rand(B, Q, H, L, P, 2, generator=gen, dtype=torch.float64) * (wh + 3)).floor() - 2
+    # on level 0 (W=4, H=3): sweep x0 = -2..W with y0 inside, then y0 = -2..H with x0 inside
+    corners = [(x0, 1) for x0 in range(-2, 5)] + [(1, y0) for y0 in range(-2, 4)]
+    level0 = knot[:, :, :, 0].permute(3, 0, 1, 2, 4).reshape(-1, 2)             # [P*B*Q*H, 2] copy
+    level0[: len(corners)] = torch.tensor(corners, dtype=torch.float64)
+    knot[:, :, :, 0] = level0.view(P, B, Q, H, 2).permute(1, 2, 3, 0, 4)
+    frac = 0.2 + 0.6 * torch.rand(B, Q, H, L, P, 2, generator=gen, dtype=torch.float64)
+    loc = (knot + frac + 0.5) / wh
+    attn = torch.rand(B, Q, H, L, P, generator=gen, dtype=torch.float64)
+    return value, spatial_shapes, level_start_index, loc, attn
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    value, spatial_shapes, level_start_index, loc, attn = gradcheck_case()
+
+    def fn(v, l, a):
+        return ms_deform_attn(v, spatial_shapes, level_start_index, l, a, backend=backend)
+
+    inputs = tuple(t.clone().requires_grad_(True) for t in (value, loc, attn))
+    # the interpreter makes each Triton call slow: check random directional derivatives there
+    # (any wrong Jacobian entry shows up in them) and the full Jacobian for the PyTorch path
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=backend == "triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision, empty inputs, strided inputs
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_forward(backend, dtype):
+    """(a) value in fp16/bf16, locations and weights fp32 (the AMP case): the only errors are the
+    rounding of value (<= eps/2 relative, and the attention weights of a head sum to 1) and of the
+    output (<= eps relative). (b) every input in fp16/bf16 vs fp32 maths on the same rounded inputs:
+    accumulation is fp32, so only the output rounding (<= 1 ulp <= eps relative) remains."""
+    value, spatial_shapes, level_start_index, loc, attn = random_case(1, 6, 2, 16, [(5, 7), (3, 4)], 2, seed=8)
+    attn = attn.view(1, 6, 2, -1).softmax(-1).view(attn.shape)
+    eps = torch.finfo(dtype).eps
+    ref = ms_deform_attn(value, spatial_shapes, level_start_index, loc, attn, backend=backend)
+    out = ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index, loc, attn, backend=backend)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=eps, atol=eps / 2 * value.abs().max().item())
+
+    low = [t.to(dtype) for t in (value, loc, attn)]
+    out = ms_deform_attn(low[0], spatial_shapes, level_start_index, low[1], low[2], backend=backend)
+    ref = ms_deform_attn(low[0].float(), spatial_shapes, level_start_index, low[1].float(), low[2].float(),
+                         backend=backend)
+    torch.testing.assert_close(out.float(), ref, rtol=eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,Q", [(0, 3), (2, 0)])
+def test_empty_batch_or_queries(backend, B, Q):
+    value, spatial_shapes, level_start_index, loc, attn = random_case(max(B, 1), max(Q, 1), 2, 4, [(2, 3)], 2, 0)
+    value, loc, attn = value[:B], loc[:B, :Q], attn[:B, :Q]
+    leaves = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
+    out = ms_deform_attn(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2], backend=backend)
+    assert out.shape == (B, Q, 2 * 4)
+    out.sum().backward()
+    for leaf in leaves:
+        assert leaf.grad.shape == leaf.shape and not leaf.grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_match_contiguous(backend):
+    value, spatial_shapes, level_start_index, loc, attn = random_case(2, 4, 2, 6, [(3, 4), (2, 2)], 2, seed=9)
+    # same values, other memory layouts: value stored [B, H, S, C], loc stored (x, y)-major, attn sliced
+    value_s = value.transpose(1, 2).contiguous().transpose(1, 2)
+    loc_s = loc.movedim(-1, 0).contiguous().movedim(0, -1)
+    attn_s = torch.cat([attn, attn], dim=-1)[..., : attn.shape[-1]]
+    assert not (value_s.is_contiguous() or loc_s.is_contiguous() or attn_s.is_contiguous())
+    grad_out = torch.randn(2, 4, 12).transpose(0, 1).contiguous().transpose(0, 1)
+    results = []
+    for v, l, a in ((value, loc, attn), (value_s, loc_s, attn_s)):
+        leaves = [t.detach().requires_grad_(True) for t in (v, l, a)]
+        out = ms_deform_attn(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2], backend=backend)
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_path_in_many_chunks_matches_oracle(monkeypatch):
+    """Rows split over several chunks and scatter pieces (the bench sizes use them; small tests would
+    otherwise run in one), forward and gradients vs the single-chunk path and the oracle."""
+    case = random_case(2, 5, 3, 6, [(4, 6), (2, 3)], 2, seed=11)
+    grad_out = torch.randn(2, 5, 3 * 6, generator=torch.Generator().manual_seed(12))
+    results = []
+    for rows, scatter in ((1 << 14, 512), (7, 3)):
+        monkeypatch.setattr(msda, "_CPU_ROWS_PER_CHUNK", rows)
+        monkeypatch.setattr(msda, "_CPU_ROWS_PER_SCATTER", scatter)
+        leaves = [t.clone().requires_grad_(True) for t in (case[0], case[3], case[4])]
+        out = ms_deform_attn(leaves[0], case[1], case[2], leaves[1], leaves[2], backend="torch")
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    torch.testing.assert_close(results[1][0].double(), oracle(*case), rtol=1e-5, atol=2e-5)
+    for single, chunked in zip(*results):
+        torch.testing.assert_close(chunked, single, rtol=1e-6, atol=1e-6)
+
+
+def test_tap_gradient_variants_agree():
+    """dL/dw by sampled_addmm (CPU) and by gather + bmm (other devices) vs an explicit dot product."""
+    value, spatial_shapes, level_start_index, loc, attn = random_case(1, 3, 2, 5, [(3, 4)], 2, seed=13)
+    B, S, H, C = value.shape
+    geo = msda._LevelGeometry(spatial_shapes, level_start_index, B, S, H, 2, torch.float32)
+    taps = msda._bilinear_taps(geo, loc.reshape(6, 2, 2), attn.reshape(6, 2), range(0, 6), 3 * H)
+    table, grad_rows = value.reshape(-1, C), torch.randn(6, C)
+    expected = (table[taps.idx] * grad_rows[:, None, :]).sum(-1)
+    for sparse in (True, False):
+        torch.testing.assert_close(msda._tap_grads(table, taps, grad_rows, sparse), expected)
+
+
+def test_backend_auto_is_torch_on_cpu_and_unknown_backend_rejected():
+    case = CASES["C30"]()
+    torch.testing.assert_close(ms_deform_attn(*case), ms_deform_attn(*case, backend="torch"))
+    with pytest.raises(ValueError, match="backend"):
+        ms_deform_attn(*case, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation
+# ----------------------------------------------------------------------------------------------
+
+# name: (argument, how to break it, what the error must say)
+BAD_INPUTS = {
+    "shapes_int32": ("spatial_shapes", lambda t: t.int(), r"spatial_shapes: expected an int64 tensor \[L, 2\]"),
+    "shapes_1d": ("spatial_shapes", lambda t: t.view(-1), r"spatial_shapes: expected shape \[L, 2\]"),
+    "S_mismatch": ("value", lambda t: t[:, :-1], r"value: expected S = sum_l H_l\*W_l = 16"),
+    "value_3d": ("value", lambda t: t.flatten(2), r"value: expected shape \[B, S, H, C\]"),
+    "value_int": ("value", lambda t: t.long(), r"value: expected a float16/bfloat16/float32/float64"),
+    "starts_wrong": ("level_start_index", lambda t: t + 1, r"level_start_index: expected \[0, 12\]"),
+    "starts_int32": ("level_start_index", lambda t: t.int(), r"level_start_index: expected an int64"),
+    "locations_L": ("sampling_locations", lambda t: t[:, :, :, :1],
+                    r"sampling_locations: expected shape \[B, Q, H, L, P, 2\]"),
+    "locations_H": ("sampling_locations", lambda t: t[:, :, :1],
+                    r"sampling_locations: expected shape .*= \[1, Q, 2, 2, P, 2\]"),
+    "weights_P": ("attention_weights", lambda t: t[..., :1],
+                  r"attention_weights: expected shape \[B, Q, H, L, P\] = \[1, 2, 2, 2, 2\]"),
+    "weights_list": ("attention_weights", lambda t: t.tolist(), r"attention_weights: expected a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_raises_value_error_naming_argument(name):
+    value, spatial_shapes, level_start_index, loc, attn = random_case(1, 2, 2, 4, [(3, 4), (2, 2)], 2, seed=0)
+    args = dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+                sampling_locations=loc, attention_weights=attn)
+    key, corrupt, pattern = BAD_INPUTS[name]
+    args[key] = corrupt(args[key])
+    with pytest.raises(ValueError, match=pattern):
+        ms_deform_attn(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Module and helpers
+# ----------------------------------------------------------------------------------------------
+
+# head h of 8 points along angle 2*pi*h/8, scaled onto the unit square's border
+DIRECTIONS_8 = torch.tensor([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]], dtype=torch.float32)
+
+
+def module_inputs(B=2, Q=3, D=32, shapes=((6, 8), (3, 4)), ref_dim=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    features = [torch.randn(B, D, h, w, generator=gen) for h, w in shapes]
+    value_input, spatial_shapes, level_start_index = flatten_levels(features)
+    query = torch.randn(B, Q, D, generator=gen)
+    ref = torch.rand(B, Q, len(shapes), ref_dim, generator=gen) * 0.5 + 0.25
+    return query, ref, value_input, spatial_shapes, level_start_index
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_msdeformattn_init_uniform_weights_and_direction_grid(ref_dim):
+    L, H, P = 2, 8, 3
+    module = MSDeformAttn(d_model=32, n_levels=L, n_heads=H, n_points=P)
+    query, ref, value_input, spatial_shapes, level_start_index = module_inputs(ref_dim=ref_dim)
+    out, locations, weights = module(query, ref, value_input, spatial_shapes, level_start_index,
+                                     return_sampling=True)
+    B, Q = query.shape[:2]
+    assert out.shape == (B, Q, 32) and locations.shape == (B, Q, H, L, P, 2)
+    torch.testing.assert_close(weights, torch.full((B, Q, H, L, P), 1.0 / (L * P)))
+    # expected offset of point p of head h: direction_h * (p + 1), in pixels of each level (2-d
+    # reference) or in units of half the box size / P (4-d reference box)
+    offset = DIRECTIONS_8.view(H, 1, 1, 2) * torch.arange(1, P + 1.0).view(1, 1, P, 1)   # [H, 1, P, 2]
+    if ref_dim == 2:
+        wh = torch.tensor([[8.0, 6.0], [4.0, 3.0]]).view(1, L, 1, 2)
+        expected = ref[:, :, None, :, None, :] + offset / wh
+    else:
+        expected = ref[:, :, None, :, None, :2] + offset / P * ref[:, :, None, :, None, 2:] * 0.5
+    torch.testing.assert_close(locations, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_msdeformattn_padding_mask_hides_padded_pixels():
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    query, ref, value_input, spatial_shapes, level_start_index = module_inputs()
+    mask = torch.zeros(value_input.shape[:2], dtype=torch.bool)
+    mask[:, ::3] = True
+    out = module(query, ref, value_input, spatial_shapes, level_start_index, padding_mask=mask)
+    changed = value_input + 100.0 * mask.unsqueeze(-1)                     # only padded pixels differ
+    out_changed = module(query, ref, changed, spatial_shapes, level_start_index, padding_mask=mask)
+    torch.testing.assert_close(out, out_changed)
+    assert not torch.allclose(out, module(query, ref, changed, spatial_shapes, level_start_index))
+
+
+def test_msdeformattn_backends_agree_and_all_parameters_get_gradients():
+    torch.manual_seed(0)
+    module = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    for p in module.parameters():                      # move off the init so every path matters
+        p.data.add_(0.1 * torch.randn_like(p))
+    query, ref, value_input, spatial_shapes, level_start_index = module_inputs(B=1, Q=2, D=16, ref_dim=4)
+    outs = {}
+    for backend in BACKENDS:
+        module.backend = backend
+        module.zero_grad()
+        outs[backend] = module(query, ref, value_input, spatial_shapes, level_start_index)
+        outs[backend].square().sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    torch.testing.assert_close(outs["torch"], outs[BACKENDS[-1]], rtol=1e-5, atol=1e-5)
+
+
+def test_msdeformattn_rejects_bad_shapes():
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    query, ref, value_input, spatial_shapes, level_start_index = module_inputs()
+    with pytest.raises(ValueError, match=r"reference_points: expected shape \[2, 3, 2, 2\]"):
+        module(query, ref[..., :1], value_input, spatial_shapes, level_start_index)
+    with pytest.raises(ValueError, match="padding_mask: expected a bool tensor"):
+        module(query, ref, value_input, spatial_shapes, level_start_index,
+               padding_mask=torch.zeros(value_input.shape[:2]))
+    with pytest.raises(ValueError, match="d_model: expected a multiple of n_heads"):
+        MSDeformAttn(d_model=30, n_heads=8)
+
+
+def test_flatten_levels():
+    features = [torch.randn(2, 3, 4, 5), torch.randn(2, 3, 2, 1)]
+    value_input, spatial_shapes, level_start_index = flatten_levels(features)
+    assert spatial_shapes.tolist() == [[4, 5], [2, 1]] and spatial_shapes.dtype == torch.int64
+    assert level_start_index.tolist() == [0, 20] and level_start_index.dtype == torch.int64
+    assert value_input.shape == (2, 22, 3)
+    torch.testing.assert_close(value_input[1, 20 + 1 * 1 + 0], features[1][1, :, 1, 0])   # row-major
+    torch.testing.assert_close(value_input[0, 2 * 5 + 3], features[0][0, :, 2, 3])
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile for a real GPU (no GPU needed)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(msda.triton is None, reason="triton not installed")
+def test_triton_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "deform_attn_triton.py"), "--compile-check"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for kernel in ("_msda_fwd_kernel", "_msda_bwd_kernel"):
+        for dtype in ("fp32", "bf16"):
+            assert f"{kernel} {dtype}: sm_90 PTX" in proc.stdout
+
+
+# ====================================================================================================================
+# detectors, data, COCO evaluation (detectors.py, eval.py)
+# ====================================================================================================================
+
+H, W = 128, 192  # both multiples of 64, as the embedded data
+FAMILIES = ["retinanet", "fcos", "faster_rcnn", "mask_rcnn"]
+
+
+def build(name, num_classes=5, **kwargs):
+    torch.manual_seed(0)
+    return detectors.build_detector(name, num_classes, min_size=H, max_size=W, **kwargs)
+
+
+def images_and_targets(with_masks=False):
+    """Two images of different sizes (so that resizing and padding both happen) with boxes in their pixels."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 100, 150, generator=g), torch.rand(3, 128, 160, generator=g)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 70.0], [80.0, 5.0, 140.0, 90.0]]),
+                "labels": torch.tensor([1, 3])},
+               {"boxes": torch.tensor([[30.0, 40.0, 50.0, 60.0]]), "labels": torch.tensor([2])}]
+    if with_masks:
+        for image, target in zip(images, targets):
+            masks = torch.zeros(len(target["boxes"]), *image.shape[-2:], dtype=torch.uint8)
+            for mask, (x1, y1, x2, y2) in zip(masks, target["boxes"].int().tolist()):
+                mask[y1:y2, x1:x2] = 1
+            target["masks"] = masks
+    return images, targets
+
+
+def expected_resize(h, w):
+    """torchvision's rule, computed here independently: shorter side to H unless the longer exceeds W."""
+    return min(H / min(h, w), W / max(h, w))
+
+
+# --------------------------------------------------------------------------------------------- detectors
+
+@pytest.mark.parametrize("backbone", ["r18", "r50"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_builds_and_hook_returns_four_levels_at_strides_8_to_64(family, backbone):
+    model = build(f"{family}_{backbone}")
+    assert model.unikd_name == f"{family}_{backbone}" and detectors.fpn_channels(model) == 256
+    images, targets = images_and_targets(with_masks=family == "mask_rcnn")
+    out = detectors.forward_with_features(model.train(), images, targets)
+    loss_names = {"classification", "bbox_regression"} if family in ("retinanet", "fcos") \
+        else {"loss_objectness", "loss_classifier", "loss_box_reg"}
+    assert set(out.result) >= loss_names
+    # both images resize to a longer side of 192 at most, shorter 128 at most -> padded to 128 x 192
+    sizes = [(round(h * expected_resize(h, w)), round(w * expected_resize(h, w))) for h, w in [(100, 150), (128, 160)]]
+    assert out.image_sizes == sizes
+    h_pad = math.ceil(max(s[0] for s in sizes) / 64) * 64
+    w_pad = math.ceil(max(s[1] for s in sizes) / 64) * 64
+    assert out.batch_size_hw == (h_pad, w_pad) == (128, 192)
+    assert len(out.features) == 4
+    for stride, feature in zip((8, 16, 32, 64), out.features):
+        assert feature.shape == (2, 256, h_pad // stride, w_pad // stride)
+    assert out.features[0].requires_grad  # the student's features carry gradients to its backbone
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooked_forward_returns_exactly_the_plain_forward(family):
+    model = build(f"{family}_r18", box_score_thresh=0.2) if "rcnn" in family else build(f"{family}_r18",
+                                                                                          score_thresh=0.2)
+    images, targets = images_and_targets(with_masks=family == "mask_rcnn")
+    model.eval()
+    with torch.no_grad():
+        plain = model(images)
+        hooked = detectors.forward_with_features(model, images).result
+    assert len(plain) == len(hooked) == 2
+    for p, h in zip(plain, hooked):
+        assert p.keys() == h.keys()
+        for key in p:
+            assert torch.equal(p[key], h[key]), key
+    model.train()
+    torch.manual_seed(1)
+    plain = model(images, targets)
+    torch.manual_seed(1)  # R-CNN samplers draw random proposals
+    hooked = detectors.forward_with_features(model, images, targets)
+    assert plain.keys() == hooked.result.keys()
+    for key in plain:
+        assert torch.equal(plain[key], hooked.result[key]), key
+    # transformed targets: the input boxes scaled by the resize factor
+    for target, transformed, image in zip(targets, hooked.targets, images):
+        scale = expected_resize(*image.shape[-2:])
+        new_h, new_w = round(image.shape[1] * scale), round(image.shape[2] * scale)
+        factor = torch.tensor([new_w / image.shape[2], new_h / image.shape[1]] * 2)
+        torch.testing.assert_close(transformed["boxes"], target["boxes"] * factor)
+
+
+def test_forward_features_matches_hooked_features_without_running_heads():
+    model = build("retinanet_r18").eval()
+    images, _ = images_and_targets()
+    with torch.no_grad():
+        full = detectors.forward_with_features(model, images)
+        only = detectors.forward_features(model, images)
+    assert only.result is None and only.batch_size_hw == full.batch_size_hw
+    for a, b in zip(full.features, only.features):
+        assert torch.equal(a, b)
+
+
+def test_gt_box_lands_on_the_same_feature_cell_in_teacher_and_students():
+    names = ["retinanet_r50", "fcos_r18", "faster_rcnn_r18"]
+    models = [build(n).eval() for n in names]
+    images, targets = images_and_targets()
+    assert len({json.dumps(detectors.transform_config(m)) for m in models}) == 1
+    batched = [m.transform(images)[0].tensors for m in models]
+    assert all(torch.equal(batched[0], b) for b in batched[1:])  # the identical batched tensor
+
+    # the second box of image 0, by hand: resize factor 192/150 = 1.28, no padding offset (top-left aligned)
+    scale = expected_resize(100, 150)
+    x1, y1, x2, y2 = (torch.tensor([80.0, 5.0, 140.0, 90.0]) * scale).tolist()
+    cx_px, cy_px = (x1 + x2) / 2, (y1 + y2) / 2
+    cells = []
+    for model in models:
+        with torch.no_grad():
+            out = detectors.forward_features(model, images, copy.deepcopy(targets))
+        h_pad, w_pad = out.batch_size_hw
+        box = out.targets[0]["boxes"][1]
+        cx, cy = ((box[0] + box[2]) / 2 / w_pad).item(), ((box[1] + box[3]) / 2 / h_pad).item()  # normalised
+        model_cells = []
+        for stride, feature in zip((8, 16, 32, 64), out.features):
+            h_l, w_l = feature.shape[-2:]
+            cell = (int(cy * h_l), int(cx * w_l))
+            assert cell == (int(cy_px // stride), int(cx_px // stride))  # the cell whose pixels hold the centre
+            model_cells.append(cell)
+        cells.append(model_cells)
+    assert cells[0] == cells[1] == cells[2]
+
+
+def test_every_family_gets_the_same_transform():
+    configs = {name: detectors.transform_config(build(name)) for name in
+               ["retinanet_r18", "fcos_r18", "faster_rcnn_r18", "mask_rcnn_r18", "retinanet_r50_v2",
+                "faster_rcnn_r50_v2", "mask_rcnn_r50_v2"]}
+    assert len({json.dumps(c) for c in configs.values()}) == 1
+    assert next(iter(configs.values()))["size_divisible"] == 64
+
+
+def test_small_image_settings_and_torchvision_defaults_at_800():
+    small, large = build("faster_rcnn_r18"), detectors.build_detector("faster_rcnn_r18", 5)
+    assert large.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
+    assert large.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    assert large.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
+    assert small.rpn._pre_nms_top_n == {"training": 500, "testing": 250}
+    assert small.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    retina = detectors.build_detector("retinanet_r18", 5)
+    assert retina.anchor_generator.sizes[0] == (32, 40, 50)  # torchvision's rounding at 800 px
+    fcos = build("fcos_r18")
+    # FCOS: sizes halved, radius doubled -> centre sampling radius stays 1.5 strides in pixels
+    assert fcos.anchor_generator.sizes[0] == (4.0,) and fcos.center_sampling_radius * 4.0 == 1.5 * 8
+    # user kwargs win over the small-image defaults
+    assert build("faster_rcnn_r18", rpn_pre_nms_top_n_test=77).rpn._pre_nms_top_n["testing"] == 77
+
+
+def test_names_and_weights_errors():
+    assert detectors.canonical_name("fcos") == "fcos_r50"
+    assert detectors.canonical_name("retinanet_v2") == "retinanet_r50_v2"
+    with pytest.raises(ValueError, match="fcos_r18.*mask_rcnn_r50_v2"):
+        detectors.canonical_name("yolo_r18")
+    with pytest.raises(ValueError, match="no COCO weights for fcos_r18.*retinanet_r50"):
+        detectors.build_detector("fcos_r18", 5, weights="DEFAULT")
+    with pytest.raises(ValueError, match="DEFAULT, COCO_V1"):
+        detectors.build_detector("fcos_r50", 5, weights="COCO_V7")
+    with pytest.raises(ValueError, match="IMAGENET1K_V1"):
+        detectors.build_detector("fcos_r18", 5, weights_backbone="IMAGENET9K")
+
+
+def test_checkpoint_round_trip_and_bad_checkpoints(tmp_path):
+    model = build("fcos_r18")
+    plain, wrapped = tmp_path / "student.pth", tmp_path / "checkpoint.pth"
+    torch.save(model.state_dict(), plain)
+    torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 3}, wrapped)
+    for path in (plain, str(wrapped)):
+        torch.manual_seed(123)  # a different init, so equality proves the load
+        loaded = detectors.build_detector("fcos_r18", 5, weights=path, min_size=H, max_size=W)
+        for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(a, b), k
+    # trained from an ImageNet backbone: FrozenBatchNorm2d (no num_batches_tracked) -> loads into BatchNorm2d
+    frozen = detectors._build_from_parts("fcos", "resnet18", 5, None, dict(detectors.TRANSFORM_DEFAULTS))
+    frozen.backbone.body = torchvision.models.detection.backbone_utils.resnet_fpn_backbone(
+        backbone_name="resnet18", weights=None, norm_layer=torchvision.ops.FrozenBatchNorm2d,
+        returned_layers=[2, 3, 4], extra_blocks=torchvision.ops.feature_pyramid_network.LastLevelP6P7(256, 256)).body
+    frozen.backbone.body.layer1[0].bn1.running_var.fill_(4.0)  # non-default statistics, to see them arrive
+    torch.save(frozen.state_dict(), tmp_path / "frozen.pth")
+    loaded = detectors.build_detector("fcos_r18", 5, weights=tmp_path / "frozen.pth", min_size=H, max_size=W)
+    assert torch.equal(loaded.backbone.body.layer1[0].bn1.running_var, torch.full((64,), 4.0))
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    for bad, message in [(tmp_path / "missing.pth", "does not exist"), (tmp_path / "notes.pth", "not a readable"),
+                         (plain, "does not fit")]:
+        with pytest.raises(detectors.CheckpointError, match=message):
+            detectors.build_detector("retinanet_r18" if bad == plain else "fcos_r18", 5, weights=bad)
+
+
+@pytest.mark.parametrize("name", ["retinanet_r50", "fcos_r50", "mask_rcnn_r50"])
+def test_coco_weights_with_other_class_count_replace_only_class_layers(name, monkeypatch):
+    torch.manual_seed(7)
+    coco_model = detectors.build_detector(name, detectors.COCO_NUM_CLASSES, min_size=H, max_size=W)
+    enum = detectors.TORCHVISION_BUILDERS[name][1]
+    # no download here: the "COCO weights" are a random 91-class model's
+    monkeypatch.setattr(type(enum.DEFAULT), "get_state_dict", lambda self, *a, **k: coco_model.state_dict())
+    model = detectors.build_detector(name, 9, weights="DEFAULT", min_size=H, max_size=W)
+    fresh = [k for k, v in model.state_dict().items()
+             if k not in coco_model.state_dict() or not torch.equal(v, coco_model.state_dict()[k])]
+    expected = {"retinanet": ["head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"],
+                "fcos": ["head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"],
+                "mask": ["roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
+                         "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias",
+                         "roi_heads.mask_predictor.conv5_mask.weight", "roi_heads.mask_predictor.conv5_mask.bias",
+                         "roi_heads.mask_predictor.mask_fcn_logits.weight",
+                         "roi_heads.mask_predictor.mask_fcn_logits.bias"]}[name.split("_")[0]]
+    assert sorted(fresh) == sorted(expected)
+    images, targets = images_and_targets(with_masks=name.startswith("mask"))
+    targets[0]["labels"] = torch.tensor([8, 8])
+    losses = model.train()(images, targets)  # the new head takes labels up to 8
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return ev.ensure_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), num_train=12, num_val=6)
+
+
+def shapes_split(shapes, split, **kwargs):
+    return ev.CocoDetection(os.path.join(shapes, f"{split}2017"),
+                            os.path.join(shapes, f"annotations/instances_{split}2017.json"), **kwargs)
+
+
+def test_shapes_dataset_is_coco_deterministic_and_varied(shapes, tmp_path):
+    again = ev.ensure_shapes_dataset(str(tmp_path / "again"), num_train=12, num_val=6)
+    assert ev.ensure_shapes_dataset(shapes, num_train=12, num_val=6) == shapes  # second call: reused
+    for rel in ["annotations/instances_train2017.json", "train2017/000000000003.jpg", "val2017/000000000006.jpg"]:
+        assert open(os.path.join(shapes, rel), "rb").read() == open(os.path.join(again, rel), "rb").read()
+    with pytest.raises(ev.UserError, match="delete it"):
+        ev.ensure_shapes_dataset(shapes, num_train=13, num_val=6)
+    assert not [p for p in os.listdir(os.path.dirname(shapes)) if ".tmp-" in p]  # no leftovers
+
+    data = json.load(open(os.path.join(shapes, "annotations/instances_train2017.json")))
+    assert len(data["categories"]) >= 6 and len(data["images"]) == 12
+    per_image = np.bincount([a["image_id"] for a in data["annotations"]], minlength=13)[1:]
+    assert per_image.min() >= 1 and per_image.max() <= 10
+    for ann in data["annotations"]:
+        mask = mask_utils.decode(ann["segmentation"])
+        ys, xs = np.nonzero(mask)
+        x, y, w, h = ann["bbox"]
+        assert (x, y, x + w, y + h) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # tight on the mask
+        assert ann["area"] == mask.sum() and ann["iscrowd"] == 0
+
+
+def test_shapes_sizes_span_coco_small_medium_large():
+    rng_objects = [ev.render_shapes_image(np.random.default_rng([5, i]), H, W)[1] for i in range(40)]
+    areas = np.array([o["mask"].sum() for objects in rng_objects for o in objects])
+    assert (areas < 32 ** 2).mean() > 0.2 and ((areas >= 32 ** 2) & (areas < 96 ** 2)).mean() > 0.2
+    assert (areas >= 96 ** 2).mean() > 0.03
+
+
+def colour_under(image_uint8, mask):
+    """Mean colour of the mask's interior (one pixel eroded: JPEG and resizing blur the edges)."""
+    m = mask.astype(bool)
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    pixels = image_uint8[1:-1, 1:-1][inner]
+    return pixels.mean(0) if len(pixels) >= 4 else None
+
+
+@pytest.mark.parametrize("min_size,max_size", [(128, 192), (64, 1000)])
+def test_loader_boxes_and_masks_land_on_the_drawn_shapes_after_resize_and_flip(shapes, min_size, max_size):
+    dataset = shapes_split(shapes, "train", train=True, min_size=min_size, max_size=max_size, with_masks=True)
+    dataset.flip = v2.RandomHorizontalFlip(1.0)  # always flip, so the test knows
+    loader = ev.build_loader(dataset, batch_size=4, train=False)
+    scale = min_size / H
+    checked, mismatched_unflipped = 0, 0
+    for images, targets in loader:
+        for image, target in zip(images, targets):
+            anns = [a for a in dataset.coco.imgToAnns[target["image_id"]]]
+            picture = (image.permute(1, 2, 0).numpy() * 255).round()
+            assert image.shape[-2:] == (round(H * scale), round(W * scale))
+            for box, label, mask, ann in zip(target["boxes"], target["labels"], target["masks"], anns):
+                x, y, w, h = ann["bbox"]
+                mirrored = torch.tensor([W - (x + w), y, W - x, y + h]) * scale  # by hand
+                torch.testing.assert_close(box, mirrored)
+                assert dataset.label_to_cat[int(label)] == ann["category_id"]
+                # the mask, by hand: nearest-neighbour subsampling (pixel 2i at half size), then the mirror
+                step = round(1 / scale)
+                expected_mask = mask_utils.decode(ann["segmentation"])[::step, ::step][:, ::-1]
+                assert np.array_equal(mask.numpy(), expected_mask)
+                # the box holds the whole mask and is tight on it (exactly at full size; subsampling can miss a
+                # thin tip of up to one source pixel stride)
+                ys, xs = np.nonzero(mask.numpy())
+                tol = 0 if step == 1 else step + 0.5
+                assert box[0] - tol <= xs.min() and xs.max() + 1 <= box[2] + tol and xs.min() >= box[0] - 0.5
+                assert box[1] - tol <= ys.min() and ys.max() + 1 <= box[3] + tol and ys.min() >= box[1] - 0.5
+                assert xs.max() + 1 <= box[2] + 0.5 and ys.max() + 1 <= box[3] + 0.5
+                inside = colour_under(picture, mask.numpy())
+                if inside is None:
+                    continue
+                # the pixels under the mask are the shape's drawn colour (shading +-15, noise, JPEG)
+                assert np.abs(inside - np.array(ann["color"])).max() < 30
+                unflipped = colour_under(picture, mask.numpy()[:, ::-1])
+                mismatched_unflipped += unflipped is None or np.abs(unflipped - np.array(ann["color"])).max() >= 30
+                checked += 1
+    assert checked > 20 and mismatched_unflipped > 0.7 * checked  # the colour check can tell a wrong flip
+
+
+def test_unresized_val_image_is_the_file(shapes):
+    dataset = shapes_split(shapes, "val", train=False, min_size=H, max_size=W)
+    image, target = dataset[0]
+    info = dataset.coco.imgs[target["image_id"]]
+    raw = np.asarray(Image.open(os.path.join(shapes, "val2017", info["file_name"])).convert("RGB"))
+    assert np.array_equal((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), raw)
+    assert target["orig_size"] == (H, W) and "masks" not in target
+
+
+def write_coco(path, images, annotations, categories):
+    with open(path, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+
+
+def test_category_mapping_crowd_degenerate_and_empty_images(tmp_path):
+    image_dir = tmp_path / "img"
+    image_dir.mkdir()
+    for name in ["a.png", "b.png", "c.png"]:
+        Image.fromarray(np.full((40, 60, 3), 100, np.uint8)).save(image_dir / name)
+    images = [{"id": i, "file_name": n, "height": 40, "width": 60} for i, n in [(5, "a.png"), (9, "b.png"),
+                                                                               (11, "c.png")]]
+    anns = [{"id": 1, "image_id": 5, "category_id": 12, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0},
+            {"id": 2, "image_id": 5, "category_id": 3, "bbox": [20, 5, 0, 10], "area": 0, "iscrowd": 0},  # w=0
+            {"id": 3, "image_id": 5, "category_id": 7, "bbox": [1, 1, 30, 30], "area": 900, "iscrowd": 1},
+            {"id": 4, "image_id": 9, "category_id": 3, "bbox": [70, 5, 10, 10], "area": 100, "iscrowd": 0}]  # off image
+    cats = [{"id": c, "name": f"c{c}"} for c in (12, 3, 7)]
+    write_coco(tmp_path / "ann.json", images, anns, cats)
+    train = ev.CocoDetection(str(image_dir), str(tmp_path / "ann.json"), train=True, min_size=40, max_size=60)
+    val = ev.CocoDetection(str(image_dir), str(tmp_path / "ann.json"), train=False, min_size=40, max_size=60)
+    assert train.num_classes == 4 and train.cat_ids == [3, 7, 12]
+    assert train.label_to_cat == {1: 3, 2: 7, 3: 12}
+    assert train.ids == [5] and val.ids == [5, 9, 11]  # images without usable boxes: skipped for training only
+    assert train.stats["degenerate_boxes_dropped"] == 2 and train.stats["crowd_boxes_ignored"] == 1
+    _, target = val[0]
+    assert target["labels"].tolist() == [3] and target["boxes"].tolist() == [[5, 5, 15, 15]]
+    _, empty = val[2]
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+class Oracle(torch.nn.Module):
+    """Returns the loader's own targets as detections (score 1), optionally shifted by a fraction of the width."""
+
+    def __init__(self, loader, shift=0.0, with_masks=False):
+        super().__init__()
+        self.queue = [t for _, targets in loader for t in targets]
+        self.shift, self.with_masks = shift, with_masks
+
+    def forward(self, images):
+        out = []
+        for _ in images:
+            t = self.queue.pop(0)
+            boxes = t["boxes"].clone()
+            boxes[:, [0, 2]] += self.shift * (boxes[:, 2] - boxes[:, 0])[:, None]
+            det = {"boxes": boxes, "labels": t["labels"], "scores": torch.ones(len(boxes))}
+            if self.with_masks:
+                det["masks"] = t["masks"][:, None].float()
+            out.append(det)
+        return out
+
+
+def val_loader(shapes, min_size, max_size, with_masks=False):
+    dataset = shapes_split(shapes, "val", train=False, min_size=min_size, max_size=max_size, with_masks=with_masks)
+    return ev.build_loader(dataset, batch_size=4, train=False)
+
+
+def test_coco_eval_of_ground_truth_is_one_and_shifted_boxes_less(shapes):
+    loader = val_loader(shapes, 64, 96)  # predictions are mapped back from the half-size input
+    perfect = ev.evaluate(Oracle(loader), loader, "cpu")
+    assert set(perfect) == set(ev.METRIC_NAMES)
+    assert perfect["AP"] == pytest.approx(1.0) and perfect["AP50"] == pytest.approx(1.0)
+    for key in ("APs", "APm", "APl"):
+        assert perfect[key] in (pytest.approx(1.0), -1.0)
+    shifted = ev.evaluate(Oracle(loader, shift=0.2), loader, "cpu")
+    assert shifted["AP"] < 0.9 and shifted["AP50"] == pytest.approx(1.0)  # IoU 0.67 passes 0.5, not 0.75+
+    assert ev.evaluate(Oracle(loader, shift=0.6), loader, "cpu")["AP"] < shifted["AP"]
+
+
+def test_coco_eval_segm_of_ground_truth_masks_is_one(shapes):
+    loader = val_loader(shapes, H, W, with_masks=True)
+    metrics = ev.evaluate(Oracle(loader, with_masks=True), loader, "cpu")
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["segm_AP"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+@pytest.fixture(scope="module")
+def cli_setup(shapes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = root / "student.pth"
+    model = build("fcos_r18", num_classes=9)
+    torch.nn.init.zeros_(model.head.classification_head.cls_logits.bias)  # scores ~0.5: detections to score
+    torch.save(model.state_dict(), ckpt)
+    return root, ckpt
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return exit_info.value.code, err
+
+
+def copy_layout(shapes, dest):
+    shutil.copytree(shapes, dest)
+    return dest
+
+
+def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(shapes, cli_setup, tmp_path, capsys):
+    root, ckpt = cli_setup
+    ckpt_bytes = ckpt.read_bytes()
+    broken_json = copy_layout(shapes, tmp_path / "broken_json")
+    (broken_json / "annotations/instances_val2017.json").write_text('{"images": [')
+    no_ann = copy_layout(shapes, tmp_path / "no_ann")
+    os.remove(no_ann / "annotations/instances_val2017.json")
+    not_coco = copy_layout(shapes, tmp_path / "not_coco")
+    (not_coco / "annotations/instances_val2017.json").write_text('{"images": 3}')
+    missing_image = copy_layout(shapes, tmp_path / "missing_image")
+    os.remove(missing_image / "val2017/000000000002.jpg")
+    not_ckpt = tmp_path / "notes.pth"
+    not_ckpt.write_text("hello")
+    cases = [
+        (["--data-path", str(tmp_path / "nowhere")], "nowhere is not a folder"),
+        (["--data-path", str(no_ann)], "instances_val2017.json not found"),
+        (["--data-path", str(broken_json)], "is not valid JSON"),
+        (["--data-path", str(not_coco)], "is not COCO format"),
+        (["--data-path", str(missing_image)], "000000000002.jpg is missing"),
+        (["--data-path", shapes, "--model", "yolo"], "unknown model 'yolo'"),
+        (["--data-path", shapes, "--ckpt", str(not_ckpt)], "notes.pth is not a readable checkpoint"),
+        (["--data-path", shapes, "--ckpt", str(tmp_path / "none.pth")], "none.pth not found"),
+        (["--data-path", shapes, "--model", "retinanet_r18"], "does not fit this model"),
+        (["--data-path", shapes, "--visualize", "2"], "--visualize needs --out"),
+    ]
+    for extra, message in cases:
+        argv = ["--model", "fcos_r18", "--ckpt", str(ckpt), "--workers", "0", "--batch-size", "6"] + extra
+        code, err = run_main(argv, capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (extra, err)
+        assert ";" in err[0]  # problem; fix
+    assert ckpt.read_bytes() == ckpt_bytes and not_ckpt.read_text() == "hello"
+    assert not [p for p in os.listdir(root) if p.endswith(".json")]
+
+
+def test_cli_corrupt_image_in_a_worker_process_is_one_line(shapes, cli_setup, tmp_path):
+    _, ckpt = cli_setup
+    corrupt = copy_layout(shapes, tmp_path / "corrupt")
+    (corrupt / "val2017/000000000003.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--model", "fcos_r18", "--ckpt", str(ckpt),
+                           "--data-path", str(corrupt), "--workers", "1", "--batch-size", "2", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith("error: image file") and "000000000003.jpg is corrupt" in err[0]
+    assert not os.path.exists(os.path.splitext(ckpt)[0] + "_eval.json")
+
+
+def test_cli_evaluates_writes_json_next_to_checkpoint_and_pictures(shapes, cli_setup, tmp_path, capsys):
+    root, ckpt = cli_setup
+    before = ckpt.read_bytes()
+    metrics = ev.main(["--model", "fcos_r18", "--ckpt", str(ckpt), "--data-path", shapes, "--workers", "0",
+                       "--visualize", "2", "--out", str(tmp_path / "vis")])
+    out = capsys.readouterr().out
+    assert sum(line.startswith(" Average P") or line.startswith(" Average R") for line in out.splitlines()) == 12
+    written = json.load(open(root / "student_eval.json"))
+    assert written["metrics"] == metrics and set(ev.METRIC_NAMES) <= set(metrics)
+    assert ckpt.read_bytes() == before
+    assert sorted(os.listdir(tmp_path / "vis")) == ["000000000001.png", "000000000002.png"]
+    os.remove(root / "student_eval.json")
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+def _ddp_worker(rank, world_size, init_file, shapes, results_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        dataset = shapes_split(shapes, "val", train=False, min_size=64, max_size=96)
+        loader = ev.build_loader(dataset, batch_size=2, train=False, distributed=True)
+        metrics = ev.evaluate(Oracle(loader), loader, "cpu")
+        # the hook through a DDP wrapper: features come back and gradients still synchronise
+        model = torch.nn.parallel.DistributedDataParallel(build("fcos_r18"))
+        images, targets = images_and_targets()
+        images = [image * (0.5 + 0.5 * rank) for image in images]  # per-rank data: gradients differ until synced
+        out = detectors.forward_with_features(model, images, targets)
+        (sum(out.result.values()) + 0 * sum(f.sum() for f in out.features)).backward()
+        grad = model.module.head.classification_head.cls_logits.weight.grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.MAX)
+        same_grad = torch.equal(grad, model.module.head.classification_head.cls_logits.weight.grad)
+        with open(os.path.join(results_dir, f"{rank}.json"), "w") as f:
+            json.dump({"metrics": metrics, "shard": len(loader.sampler), "levels": len(out.features),
+                       "same_grad": same_grad}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_evaluate_gathers_to_rank_0_and_hook_works_under_ddp(shapes, tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), shapes, str(tmp_path)), nprocs=2)
+    rank0, rank1 = (json.load(open(tmp_path / f"{r}.json")) for r in (0, 1))
+    assert rank0["shard"] == rank1["shard"] == 3  # 6 val images split over 2 ranks
+    assert rank0["metrics"]["AP"] == pytest.approx(1.0) and rank1["metrics"] == {}
+    assert rank0["levels"] == rank1["levels"] == 4 and rank0["same_grad"] and rank1["same_grad"]
+
+
+# ====================================================================================================================
+# the method (unikd.py)
+# ====================================================================================================================
+
+
+def random_gt(m, generator, min_side=0.02):
+    """m valid GT boxes, cxcywh normalised, inside the image."""
+    xy = torch.rand(m, 2, generator=generator)
+    wh = min_side + torch.rand(m, 2, generator=generator) * (1 - min_side)
+    x1y1 = xy * (1 - wh)
+    return box_convert(torch.cat([x1y1, x1y1 + wh], 1), "xyxy", "cxcywh")
+
+
+def random_targets(sizes, num_classes, generator):
+    return [{"labels": torch.randint(0, num_classes, (m,), generator=generator),
+             "boxes": random_gt(m, generator, 0.1)} for m in sizes]
+
+
+def check_sample(gt, boxes, num_pos, n, alpha=0.6, beta=0.4):
+    assert boxes.shape == (n, 4) and num_pos == min(len(gt), n)
+    xyxy = box_convert(boxes, "cxcywh", "xyxy")
+    gt_xyxy = box_convert(gt, "cxcywh", "xyxy")
+    assert (xyxy >= -1e-6).all() and (xyxy <= 1 + 1e-6).all()
+    assert (boxes[:, 2:] >= unikd.MIN_BOX_SIZE * (1 - 1e-3)).all()
+    if num_pos:
+        own = box_iou(xyxy[:num_pos], gt_xyxy[:num_pos]).diagonal()
+        assert (own > alpha).all(), own.min()
+    if len(gt) and num_pos < n:
+        assert (box_iou(xyxy[num_pos:], gt_xyxy).amax(1) < beta).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sampler, Eq. (3)
+
+def test_sampler_bounds_over_1000_draws():
+    g = torch.Generator().manual_seed(0)
+    for i in range(1000):
+        m = int(torch.randint(0, 40, (1,), generator=g))
+        gt = random_gt(m, g, min_side=0.005 if i % 2 else 0.05)
+        n = 200 if i % 3 else 50
+        boxes, num_pos = unikd.sample_query_boxes(gt, n, generator=g)
+        check_sample(gt, boxes, num_pos, n)
+
+
+def test_sampler_adversarial_gts_use_fallbacks_and_keep_bounds():
+    g = torch.Generator().manual_seed(1)
+    full = torch.tensor([[0.5, 0.5, 1.0, 1.0]])                            # one GT = the whole image
+    tiles = torch.stack(torch.meshgrid(torch.arange(10) / 10 + 0.05, torch.arange(10) / 10 + 0.05, indexing="ij"), -1)
+    tiles = torch.cat([tiles.reshape(-1, 2), torch.full((100, 2), 0.1)], 1)  # 10x10 GTs tiling the image
+    tiny = torch.tensor([[0.3, 0.3, 0.002, 0.002], [0.7, 0.2, 0.0015, 0.003]])  # jitter of tiny GTs is hard
+    for gt in (full, tiles, tiny, torch.cat([full, tiles[:20], tiny])):
+        for _ in range(5):
+            boxes, num_pos = unikd.sample_query_boxes(gt, 200, generator=g)
+            check_sample(gt, boxes, num_pos, 200)
+
+
+def test_sampler_fallbacks_keep_the_bounds(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    gt = random_gt(30, g, min_side=0.05)
+    # alpha 0.97: most jitters fail and rows fall back to the GT box itself
+    boxes, num_pos = unikd.sample_query_boxes(gt, 200, alpha=0.97, generator=g)
+    check_sample(gt, boxes, num_pos, 200, alpha=0.97)
+    assert (boxes[:num_pos] == gt).all(1).any()
+    # no rejection rounds at all: every background row comes from the fallback grid of tiny boxes
+    monkeypatch.setattr(unikd, "BACKGROUND_ROUNDS", 0)
+    for gt in (gt, torch.tensor([[0.5, 0.5, 1.0, 1.0]]), torch.zeros(0, 4)):
+        boxes, num_pos = unikd.sample_query_boxes(gt, 200, generator=g)
+        check_sample(gt, boxes, num_pos, 200)
+        assert torch.allclose(boxes[num_pos:, 2:], torch.tensor(unikd.MIN_BOX_SIZE), atol=1e-6)
+
+
+def test_sampler_no_gt_and_more_gt_than_queries():
+    g = torch.Generator().manual_seed(2)
+    boxes, num_pos = unikd.sample_query_boxes(torch.zeros(0, 4), 200, generator=g)
+    assert num_pos == 0
+    check_sample(torch.zeros(0, 4), boxes, num_pos, 200)
+    gt = random_gt(250, g)
+    boxes, num_pos = unikd.sample_query_boxes(gt, 200, generator=g)
+    assert num_pos == 200                                                   # the first 200 GTs, row i <-> GT i
+    check_sample(gt, boxes, num_pos, 200)
+
+
+def test_sampler_is_deterministic_under_a_generator():
+    gt = random_gt(7, torch.Generator().manual_seed(3))
+    a = unikd.sample_query_boxes(gt, 200, generator=torch.Generator().manual_seed(5))
+    b = unikd.sample_query_boxes(gt, 200, generator=torch.Generator().manual_seed(5))
+    c = unikd.sample_query_boxes(gt, 200, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert not torch.equal(a[0], c[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# matcher and set loss
+
+def pair_cost(logit, box, label, gt_box, alpha=0.25, gamma=2.0, wc=2.0, wb=5.0, wg=2.0):
+    """Deformable DETR's matching cost of one prediction and one GT, written out by hand."""
+    p = 1 / (1 + math.exp(-logit[label]))
+    cls = alpha * (1 - p) ** gamma * -math.log(p + 1e-8) - (1 - alpha) * p ** gamma * -math.log(1 - p + 1e-8)
+    l1 = sum(abs(a - b) for a, b in zip(box, gt_box))
+    giou = generalized_box_iou(box_convert(torch.tensor([box]), "cxcywh", "xyxy"),
+                               box_convert(torch.tensor([gt_box]), "cxcywh", "xyxy")).item()
+    return wc * cls + wb * l1 - wg * giou
+
+
+def test_matcher_total_cost_equals_brute_force_minimum():
+    g = torch.Generator().manual_seed(4)
+    matcher = unikd.HungarianMatcher()
+    for trial in range(10):
+        n, k = 5, 3
+        sizes = [int(s) for s in torch.randint(0, n + 1, (3,), generator=g)]
+        targets = random_targets(sizes, k, g)
+        logits = torch.randn(3, n, k, generator=g) * 2
+        boxes = random_gt(3 * n, g).view(3, n, 4)
+        indices = matcher(logits, boxes, targets)
+        for b, (t, (src, tgt)) in enumerate(zip(targets, indices)):
+            m = len(t["boxes"])
+            cost = [[pair_cost(logits[b, i].tolist(), boxes[b, i].tolist(), int(t["labels"][j]), t["boxes"][j].tolist())
+                     for j in range(m)] for i in range(n)]
+            assert len(src) == m and len(set(src.tolist())) == m and sorted(tgt.tolist()) == list(range(m))
+            got = sum(cost[i][j] for i, j in zip(src.tolist(), tgt.tolist()))
+            best = min((sum(cost[perm[j]][j] for j in range(m)) for perm in itertools.permutations(range(n), m)),
+                       default=0.0)
+            assert got == pytest.approx(best, abs=1e-4)
+
+
+def test_set_loss_equals_explicit_formula():
+    g = torch.Generator().manual_seed(5)
+    targets = random_targets([2, 0, 3], 4, g)
+    logits, boxes = torch.randn(3, 6, 4, generator=g), random_gt(18, g).view(3, 6, 4)
+    indices = [(torch.tensor([4, 1]), torch.tensor([1, 0])), (torch.tensor([], dtype=torch.int64),) * 2,
+               (torch.tensor([0, 2, 5]), torch.tensor([2, 0, 1]))]
+    got = unikd.set_loss(logits, boxes, targets, indices, num_boxes=5.0)
+    onehot, l1, giou = torch.zeros(3, 6, 4), 0.0, 0.0
+    for b, (src, tgt) in enumerate(indices):
+        for i, j in zip(src.tolist(), tgt.tolist()):
+            onehot[b, i, targets[b]["labels"][j]] = 1
+            l1 += (boxes[b, i] - targets[b]["boxes"][j]).abs().sum()
+            giou += 1 - generalized_box_iou(box_convert(boxes[b, i:i + 1], "cxcywh", "xyxy"),
+                                            box_convert(targets[b]["boxes"][j:j + 1], "cxcywh", "xyxy"))[0, 0]
+    focal = sigmoid_focal_loss(logits, onehot, reduction="sum").item()
+    assert got["cls"].item() == pytest.approx(2 * focal / 5, rel=1e-5)
+    assert got["l1"].item() == pytest.approx(5 * l1.item() / 5, rel=1e-5)
+    assert got["giou"].item() == pytest.approx(2 * giou.item() / 5, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# losses of the distillation stage
+
+def test_decoupled_mse_equals_loop():
+    g = torch.Generator().manual_seed(6)
+    zs, zt = torch.randn(3, 7, 5, generator=g), torch.randn(3, 7, 5, generator=g)
+    mask = torch.rand(3, 7, generator=g) < 0.3
+    pos, neg = [], []
+    for b in range(3):
+        for i in range(7):
+            mse = sum((zs[b, i, c] - zt[b, i, c]).item() ** 2 for c in range(5)) / 5
+            (pos if mask[b, i] else neg).append(mse)
+    expect = sum(pos) / len(pos) + sum(neg) / len(neg)
+    assert unikd.decoupled_mse(zs, zt, mask).item() == pytest.approx(expect, rel=1e-5)
+    all_neg = sum(sum((zs[b, i] - zt[b, i]).pow(2).mean().item() for i in range(7)) for b in range(3)) / 21
+    assert unikd.decoupled_mse(zs, zt, torch.zeros(3, 7, dtype=torch.bool)).item() == pytest.approx(all_neg, rel=1e-5)
+
+
+def test_fitnet_loss_equals_loop():
+    g = torch.Generator().manual_seed(7)
+    shapes = [(8, 10), (4, 5), (2, 3), (1, 2)]
+    ft = [torch.randn(2, 3, h, w, generator=g) for h, w in shapes]
+    fs = [torch.randn(2, 3, h, w, generator=g) for h, w in shapes]
+    targets = random_targets([2, 1], 3, g)
+    total, count = 0.0, 0
+    for t, s in zip(ft, fs):
+        _, c, h, w = t.shape
+        for b in range(2):
+            boxes = box_convert(targets[b]["boxes"], "cxcywh", "xyxy").tolist()
+            for i in range(h):
+                for j in range(w):
+                    x, y = (j + 0.5) / w, (i + 0.5) / h
+                    if any(x1 <= x <= x2 and y1 <= y <= y2 for x1, y1, x2, y2 in boxes):
+                        total += (s[b, :, i, j] - t[b, :, i, j]).pow(2).sum().item()
+                        count += c
+    assert count > 0
+    assert unikd.fitnet_loss(ft, fs, targets).item() == pytest.approx(total / count, rel=1e-5)
+    assert unikd.fitnet_loss(ft, fs, random_targets([0, 0], 3, g)).item() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# AKE, UniKD, adapter
+
+SMALL = dict(d_model=32, n_heads=4, num_queries=20, dim_ffn=64)
+SHAPES = [(8, 8), (4, 4), (2, 2), (1, 1)]
+
+
+def feats(batch, generator, channels=32):
+    return [torch.randn(batch, channels, h, w, generator=generator) for h, w in SHAPES]
+
+
+def test_ake_shapes_and_sampling():
+    g = torch.Generator().manual_seed(8)
+    model = unikd.UniKD(num_classes=3, **SMALL)
+    f = feats(2, g)
+    boxes, pos_mask = model.sample_boxes(random_targets([3, 1], 3, g), "cpu", g)
+    for ake, b in ((model.ake_ct, None), (model.ake_pos, boxes)):
+        q = ake.generate_queries(f, b)
+        assert q.tgt.shape == (2, 20, 32) and q.reference.shape == (2, 20, 2 if b is None else 4)
+        z, sampling = ake.extract(q, f, return_sampling=True)
+        assert z.shape == (2, 20, 32) and len(sampling) == 1 and sampling[0][0].shape == (2, 20, 4, 4, 4, 2)
+        logits, pred = ake.head(z, q)
+        assert logits.shape == (2, 20, 3) and pred.shape == (2, 20, 4) and ((pred >= 0) & (pred <= 1)).all()
+    assert pos_mask.sum(1).tolist() == [3, 1]
+
+
+def test_ake_pretraining_overfits_one_batch():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(9)
+    model = unikd.UniKD(num_classes=3, **SMALL)
+    f, targets = feats(2, g), random_targets([3, 2], 3, g)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = None
+    for step in range(150):
+        # a fixed B^ (same seed every step): overfitting is about the AKE, not about fresh jitters
+        loss = sum(model.pretrain_loss(f, targets, torch.Generator().manual_seed(0)).values())
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 10, (first, loss.item())
+
+
+def frozen_unikd():
+    # untrained weights suffice: the distill path must be correct for any AKE
+    return unikd.UniKD(num_classes=3, **SMALL).freeze()
+
+
+def test_distill_step_updates_only_student_and_adapter():
+    g = torch.Generator().manual_seed(10)
+    model = frozen_unikd()
+    model.train()
+    assert not model.training and not model.ake_ct.training                  # frozen AKE stays in eval mode
+    adapter = unikd.Adapter(16, d_model=32, num_layers=2, n_heads=4, dim_ffn=64)
+    student = torch.nn.Conv2d(16, 16, 3, padding=1)
+    ake_before = {k: v.clone() for k, v in model.state_dict().items()}
+    phi_before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    student_before = student.weight.clone()
+    opt = torch.optim.SGD(list(adapter.parameters()) + list(student.parameters()), lr=0.1)
+    teacher_feats, student_in, targets = feats(2, g), feats(2, g, 16), random_targets([2, 1], 3, g)
+    # two steps: MSDA starts with zero offset/attention projections (Deformable DETR's init), so the gradient into
+    # the adapter's queries (and its level embedding) is exactly zero in the first step
+    for _ in range(2):
+        losses = model.distill_loss(teacher_feats, adapter([student(x) for x in student_in]), targets)
+        assert set(losses) == {"loss_kd_ct", "loss_kd_pos"} and all(v.item() > 0 for v in losses.values())
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, ake_before[k]) for k, v in model.state_dict().items())
+    assert all(not torch.equal(v, phi_before[k]) for k, v in adapter.state_dict().items())
+    assert not torch.equal(student.weight, student_before)
+
+
+def test_identical_features_with_identity_adapter_give_zero_kd_loss():
+    g = torch.Generator().manual_seed(11)
+    model = frozen_unikd()
+    adapter = unikd.Adapter(32, d_model=32, num_layers=0)
+    with torch.no_grad():
+        adapter.proj.weight.copy_(torch.eye(32)[:, :, None, None])
+        adapter.proj.bias.zero_()
+    f = feats(2, g)
+    losses = model.distill_loss(f, adapter(f), random_targets([3, 0], 3, g))
+    assert all(v.item() == 0 for v in losses.values())
+
+
+def test_offline_knowledge_per_image_round_trip_equals_online():
+    g = torch.Generator().manual_seed(12)
+    model = frozen_unikd()
+    tf, sf, targets = feats(2, g), feats(2, g), random_targets([2, 3], 3, g)
+    online = model.distill_loss(tf, sf, targets, generator=torch.Generator().manual_seed(1))
+    knowledge = model.teacher_knowledge(tf, targets, torch.Generator().manual_seed(1))
+    rows = [{k: v[i].clone() for k, v in knowledge._asdict().items()} for i in range(2)]  # what a dump stores
+    restored = unikd.Knowledge(*(torch.stack([r[k] for r in rows]) for k in unikd.Knowledge._fields))
+    offline = model.student_loss(restored, sf)
+    assert all(torch.equal(online[k], offline[k]) for k in online)
+    assert knowledge.pos_mask_pos.sum(1).tolist() == [2, 3] and knowledge.pos_mask_ct.sum(1).tolist() == [2, 3]
+
+
+def test_adapter_shapes():
+    g = torch.Generator().manual_seed(13)
+    out = unikd.Adapter(16, d_model=32, num_layers=2, n_heads=4, dim_ffn=64)(feats(2, g, 16))
+    assert [tuple(o.shape) for o in out] == [(2, 32, h, w) for h, w in SHAPES]
+
+
+def test_postprocess_topk_over_queries_and_classes():
+    g = torch.Generator().manual_seed(14)
+    logits, boxes = torch.randn(2, 5, 3, generator=g), random_gt(10, g).view(2, 5, 4)
+    out = unikd.postprocess(logits, boxes, [(100, 200), (50, 60)], topk=4)
+    for b, (h, w) in enumerate([(100, 200), (50, 60)]):
+        pairs = sorted(((logits[b, i, c].sigmoid().item(), i, c) for i in range(5) for c in range(3)), reverse=True)[:4]
+        assert out[b]["scores"].tolist() == pytest.approx([p[0] for p in pairs])
+        assert out[b]["labels"].tolist() == [p[2] for p in pairs]
+        expect = box_convert(boxes[b, [p[1] for p in pairs]], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
+        assert torch.allclose(out[b]["boxes"], expect)
+
+
+def layer_params(c, ffn, levels=4, heads=8, points=4, self_attn=True):
+    """Closed-form parameter count of one Deformable DETR layer."""
+    samples = heads * levels * points
+    msda = (c * samples * 2 + samples * 2) + (c * samples + samples) + 2 * (c * c + c)
+    mha = 4 * c * c + 4 * c if self_attn else 0
+    return msda + mha + (c * ffn + ffn + ffn * c + c) + (3 if self_attn else 2) * 2 * c
+
+
+def test_parameter_counts_at_defaults():
+    counts = unikd.count_parameters(unikd.UniKD(num_classes=80))
+    c, n, k = 256, 200, 80
+    common = 2 * layer_params(c, 1024) + 4 * c + (c * k + k) + 2 * (c * c + c) + (c * 4 + 4)
+    assert counts["ake_ct"] == common + n * 2 * c + (2 * c + 2)
+    assert counts["ake_pos"] == common + (4 * c + c)
+    assert counts["total"] == counts["ake_ct"] + counts["ake_pos"]
+    print(counts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the README's copy-paste snippet, run verbatim against a toy teacher/student of "another codebase"
+
+def readme_snippet():
+    """The python block that follows '<!-- snippet: two-stages -->' in README.md."""
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    block = text.split("<!-- snippet: two-stages -->", 1)[1]
+    return block.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+class ToyFPN(torch.nn.Module):
+    """4 levels at strides 8, 16, 32, 64 with 256 channels, and a stand-in detection loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 256, 8, stride=8)
+
+    def levels(self, images):
+        x = self.stem(images)
+        return [x, F.avg_pool2d(x, 2), F.avg_pool2d(x, 4), F.avg_pool2d(x, 8)]
+
+    def forward(self, images, targets):
+        feats = self.levels(images)
+        return feats[-1].pow(2).mean(), feats
+
+
+def test_readme_snippet_runs_verbatim():
+    g = torch.Generator().manual_seed(15)
+    teacher, student = ToyFPN().eval(), ToyFPN()
+    loader = [(torch.rand(2, 3, 64, 64, generator=g), random_targets([2, 1], 3, g)) for _ in range(2)]
+    namespace = dict(K=3, loader=loader, teacher_fpn=teacher.levels, student=student)
+    snippet = readme_snippet()
+    assert len(snippet.strip().splitlines()) <= 20
+    exec(snippet, namespace)
+    assert math.isfinite(namespace["loss"].item()) and all(p.grad is None for p in namespace["ake"].parameters())
+
+
+# ====================================================================================================================
+# the stages (train.py)
+# ====================================================================================================================
+
+REPO = HERE
+TRAIN = os.path.join(REPO, "train.py")
+# a handful of 64 px images, one process per core: the smallest setting that runs every code path
+TINY = ["--shapes-train", "8", "--shapes-val", "4", "--shapes-size", "64", "--batch-size", "2", "--workers", "0",
+        "--print-freq", "1", "--warmup-iters", "2"]
+
+
+def run(args, cwd, torchrun=None, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, TRAIN] if torchrun is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", TRAIN]
+    return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(res, *words):
+    """One line on stderr naming the problem, exit code 2, no traceback."""
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny fcos_r18 trained for 1 epoch under torchrun with 2 gloo processes."""
+    cwd = tmp_path_factory.mktemp("train")
+    res = run(["--stage", "train", "--model", "fcos_r18", "--epochs", "1"] + TINY, cwd, torchrun=2)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return cwd, res
+
+
+def test_torchrun_train_writes_checkpoint(trained):
+    cwd, res = trained
+    out = cwd / "runs" / "train_fcos_r18"
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 0 and {"model", "optimizer", "lr_scheduler", "scaler", "args"} <= set(ckpt)
+    assert ckpt["args"]["world_size"] == 2
+    model = torch.load(out / "model.pth", map_location="cpu", weights_only=False)
+    assert model["model_name"] == "fcos_r18"
+    records = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert any("eval" in r for r in records) and any("img_s" in r for r in records)
+    # rank 0 only prints: each iteration's line appears once
+    assert res.stdout.count("epoch 0 [1/") == 1
+
+
+def test_killed_run_resumes_to_the_same_epoch_count(tmp_path):
+    args = ["--stage", "train", "--model", "fcos_r18", "--epochs", "3"] + TINY
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, TRAIN] + args, cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_path = tmp_path / "runs" / "train_fcos_r18" / "checkpoint.pth"
+    deadline = time.time() + 300
+    while not ckpt_path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    first = torch.load(ckpt_path, map_location="cpu", weights_only=False)["epoch"]
+    assert first < 2, "the run finished before it could be killed; the test proves nothing"
+    # without --resume the earlier run is not overwritten
+    res = run(args, tmp_path)
+    assert_user_error(res, "--resume")
+    res = run(args + ["--resume", str(ckpt_path)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {ckpt_path} at epoch {first + 1}" in res.stdout
+    assert torch.load(ckpt_path, map_location="cpu", weights_only=False)["epoch"] == 2
+    assert not list(ckpt_path.parent.glob("*.tmp"))
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    res = run(["--stage", "train", "--data-path", str(tmp_path / "nowhere")] + TINY, tmp_path)
+    assert_user_error(res, "--data-path")
+    res = run(["--stage", "train", "--model", "yolo_r50"] + TINY, tmp_path)
+    assert_user_error(res, "yolo_r50", "retinanet_r50")
+    # --resume of a file that is not a checkpoint: refused, and the file is untouched
+    bogus = tmp_path / "notes.pth"
+    bogus.write_text("not a checkpoint")
+    res = run(["--stage", "train", "--model", "fcos_r18", "--resume", str(bogus)] + TINY, tmp_path)
+    assert_user_error(res, "not a checkpoint")
+    assert bogus.read_text() == "not a checkpoint"
+    plain = tmp_path / "plain.pth"
+    torch.save({"weights": torch.zeros(1)}, plain)
+    res = run(["--stage", "train", "--model", "fcos_r18", "--resume", str(plain), "--output-dir",
+               str(tmp_path / "o2")] + TINY, tmp_path)
+    assert_user_error(res, "not a train.py checkpoint")
+
+
+def test_bad_annotations_and_images(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    malformed = tmp_path / "bad.json"
+    malformed.write_text("{ this is not json")
+    flags = ["--stage", "train", "--model", "fcos_r18", "--epochs", "1", "--workers", "0", "--batch-size", "2",
+             "--min-size", "64", "--max-size", "64"]
+    res = run(flags + ["--train-images", str(imgs), "--train-ann", str(malformed), "--val-images", str(imgs),
+                       "--val-ann", str(malformed)], tmp_path)
+    assert_user_error(res, "bad.json")
+    res = run(flags + ["--train-images", str(imgs), "--train-ann", str(tmp_path / "missing.json"),
+                       "--val-images", str(imgs), "--val-ann", str(tmp_path / "missing.json")], tmp_path)
+    assert_user_error(res, "missing.json")
+    # a corrupt image file named in a valid annotation file
+    (imgs / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    ann = {"images": [{"id": 1, "file_name": "broken.jpg", "width": 64, "height": 64}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [4, 4, 20, 20], "area": 400,
+                            "iscrowd": 0}],
+           "categories": [{"id": 3, "name": "thing"}]}
+    good = tmp_path / "ann.json"
+    good.write_text(json.dumps(ann))
+    res = run(flags + ["--train-images", str(imgs), "--train-ann", str(good), "--val-images", str(imgs),
+                       "--val-ann", str(good)], tmp_path)
+    assert_user_error(res, "broken.jpg")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# distillation steps with real torchvision detectors (train.Distiller, as --stage distill runs it)
+
+def tiny_batch(num_classes, size=(64, 96), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, *size, generator=g) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]]),
+                "labels": torch.tensor([1, num_classes - 1])} for _ in range(2)]
+    return images, targets
+
+
+def distill_step(teacher_name, student_name, method):
+    import detectors
+    import train
+    import unikd
+    torch.manual_seed(0)
+    num_classes = 4  # 3 foreground classes + background
+    kw = dict(min_size=64, max_size=96)
+    teacher = detectors.build_detector(teacher_name, num_classes, **kw).eval().requires_grad_(False)
+    student = detectors.build_detector(student_name, num_classes, **kw)
+    ake = unikd.UniKD(num_classes=num_classes - 1, num_queries=20) if method == "unikd" else None
+    model = train.Distiller(student, method, ake, adapter_layers=1 if method == "fitnet" else 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    frozen = {**{f"t.{k}": v.clone() for k, v in teacher.state_dict().items()},
+              **({f"a.{k}": v.clone() for k, v in ake.state_dict().items()} if ake else {})}
+    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    images, targets = tiny_batch(num_classes)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        feats = detectors.forward_features(teacher, images, targets).features
+    losses = model(images, targets, feats, gen)
+    opt.zero_grad()
+    sum(losses.values()).backward()
+    opt.step()
+    after = {**{f"t.{k}": v for k, v in teacher.state_dict().items()},
+             **({f"a.{k}": v for k, v in ake.state_dict().items()} if ake else {})}
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen), "teacher or AKE changed"
+    assert all(p.grad is None for p in teacher.parameters())
+    if ake is not None:
+        assert all(p.grad is None and not p.requires_grad for p in ake.parameters())
+    changed = {k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(before[k], v)}
+    assert any(k.startswith("student.backbone.body") for k in changed), "the student backbone did not learn"
+    assert any(k.startswith("adapter.") for k in changed), "phi did not learn"
+    return losses
+
+
+@pytest.mark.parametrize("teacher,student", [("retinanet_r50", "fcos_r18"), ("faster_rcnn_r50", "retinanet_r18"),
+                                             ("fcos_r50", "faster_rcnn_r18")])
+def test_unikd_distill_step_between_detector_families(teacher, student):
+    losses = distill_step(teacher, student, "unikd")
+    assert {"loss_kd_ct", "loss_kd_pos"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_kd_ct"] > 0 and losses["loss_kd_pos"] > 0
+
+
+def test_fitnet_distill_step():
+    losses = distill_step("retinanet_r50", "fcos_r18", "fitnet")
+    assert losses["loss_fitnet"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --stage pretrain / distill from the command line: used-by commands and bad input
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """teacher (tiny fcos_r18 run) -> --stage pretrain -> ake.pth, in one scratch folder."""
+    cwd = tmp_path_factory.mktemp("pretrain")
+    one = ["--epochs", "1", "--num-queries", "20"] + TINY
+    res = run(["--stage", "train", "--model", "fcos_r18", "--max-iters", "1"] + one, cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run(["--stage", "pretrain", "--teacher", "fcos_r18"] + one, cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "AP " in res.stdout and "ake_ct" in res.stdout  # the AKE's own COCO AP and parameter counts
+    blob = torch.load(cwd / "runs" / "pretrain_fcos_r18" / "ake.pth", map_location="cpu", weights_only=False)
+    assert blob["teacher"] == "fcos_r18" and blob["num_classes"] == 9
+    return cwd, one
+
+
+def test_distill_uses_newest_ake_and_writes_student(pretrained):
+    import detectors
+    cwd, one = pretrained
+    res = run(["--stage", "distill", "--student", "retinanet_r18"] + one, cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "runs/pretrain_fcos_r18/ake.pth" in res.stdout.splitlines()[0]
+    state = torch.load(cwd / "runs" / "distill_retinanet_r18" / "student.pth", map_location="cpu")
+    student = detectors.build_detector("retinanet_r18", 9, min_size=64, max_size=64)
+    student.load_state_dict(state)  # the student alone, loadable by the matching builder
+
+
+def test_pretrain_and_distill_bad_input(pretrained, tmp_path):
+    cwd, one = pretrained
+    # no teacher weights anywhere
+    res = run(["--stage", "pretrain", "--teacher", "retinanet_r18"] + one, tmp_path)
+    assert_user_error(res, "--stage train --model retinanet_r18")
+    # no AKE anywhere
+    res = run(["--stage", "distill", "--student", "fcos_r18"] + one, tmp_path)
+    assert_user_error(res, "--stage pretrain")
+    # --ake pointing at a file that is not an AKE
+    not_ake = cwd / "runs" / "train_fcos_r18" / "model.pth"
+    res = run(["--stage", "distill", "--student", "fcos_r18", "--ake", str(not_ake), "--output-dir",
+               str(tmp_path / "a")] + one, cwd)
+    assert_user_error(res, "not an AKE")
+    ake = cwd / "runs" / "pretrain_fcos_r18" / "ake.pth"
+    # an AKE of another teacher than --teacher says
+    res = run(["--stage", "distill", "--student", "fcos_r18", "--ake", str(ake), "--teacher", "retinanet_r50",
+               "--output-dir", str(tmp_path / "b")] + one, cwd)
+    assert_user_error(res, "fcos_r18", "retinanet_r50")
+    # an AKE trained for another class count
+    blob = torch.load(ake, map_location="cpu", weights_only=False)
+    blob["num_classes"] = 81
+    other = tmp_path / "ake_coco.pth"
+    torch.save(blob, other)
+    res = run(["--stage", "distill", "--student", "fcos_r18", "--ake", str(other), "--output-dir",
+               str(tmp_path / "c")] + one, cwd)
+    assert_user_error(res, "80 classes")
