@@ -192,10 +192,7 @@ def set_size_defaults(args):
 
 
 def to_device(images, targets, device):
-    images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-               for t in targets]
-    return images, targets
+    return [im.to(device, non_blocking=True) for im in images], evaluation.targets_to(targets, device)
 
 
 def normalized_targets(fpn_out):
