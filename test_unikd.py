@@ -1378,6 +1378,19 @@ def test_bad_input_is_one_clear_line(tmp_path):
     res = run(["--stage", "train", "--model", "fcos_r18", "--resume", str(plain), "--output-dir",
                str(tmp_path / "o2")] + TINY, tmp_path)
     assert_user_error(res, "not a train.py checkpoint")
+    # --resume of a missing file or another run's checkpoint: refused before anything in the output dir changes
+    out = tmp_path / "o3"
+    out.mkdir()
+    (out / "args.json").write_text("earlier")
+    res = run(["--stage", "train", "--model", "fcos_r18", "--resume", str(tmp_path / "none.pth"), "--output-dir",
+               str(out)] + TINY, tmp_path)
+    assert_user_error(res, "no such file")
+    other = tmp_path / "other.pth"
+    torch.save({"kind": "unikd_checkpoint", "stage": "pretrain", "run": "pretrain_fcos_r18", "model": {}}, other)
+    res = run(["--stage", "train", "--model", "fcos_r18", "--resume", str(other), "--output-dir", str(out)] + TINY,
+              tmp_path)
+    assert_user_error(res, "pretrain_fcos_r18", "train_fcos_r18")
+    assert (out / "args.json").read_text() == "earlier"
 
 
 def test_bad_annotations_and_images(tmp_path):
@@ -1459,6 +1472,22 @@ def test_unikd_distill_step_between_detector_families(teacher, student):
     losses = distill_step(teacher, student, "unikd")
     assert {"loss_kd_ct", "loss_kd_pos"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_kd_ct"] > 0 and losses["loss_kd_pos"] > 0
+
+
+def test_adapter_without_layers_has_only_used_parameters():
+    """DDP (no find_unused_parameters) stalls on a parameter that never gets a gradient: --adapter-layers 0."""
+    phi = unikd.Adapter(256, num_layers=0)
+    feats = [torch.randn(1, 256, s, s) for s in (8, 4, 2, 1)]
+    sum(f.sum() for f in phi(feats)).backward()
+    assert all(p.grad is not None for p in phi.parameters())
+
+
+def test_ake_evaluation_keeps_the_frozen_teacher_in_eval_mode():
+    import train
+    teacher = detectors.build_detector("fcos_r18", 3, min_size=64, max_size=64).eval()
+    wrapper = train.AKEDetector(teacher, unikd.UniKD(num_classes=2, num_queries=10))
+    wrapper.train()  # what evaluate() does afterwards to a module that was in train mode
+    assert wrapper.unikd.training and not any(m.training for m in teacher.modules())
 
 
 def test_fitnet_distill_step():

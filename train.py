@@ -125,8 +125,8 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    """A resumable checkpoint, or a UserError naming what the file is instead."""
+def load_checkpoint(path, args=None):
+    """A resumable checkpoint (of this stage and model when args are given), or a UserError naming the problem."""
     if not os.path.isfile(path):
         raise UserError(f"--resume {path}: no such file; pass the checkpoint.pth of an earlier run")
     try:
@@ -136,6 +136,9 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise UserError(f"--resume {path}: not a train.py checkpoint (no optimizer/epoch state); "
                         f"pass the checkpoint.pth of an earlier run")
+    if args is not None and (ckpt.get("stage"), ckpt.get("run")) != (args.stage, args.run_name):
+        raise UserError(f"--resume {path}: checkpoint of `{ckpt.get('stage')} {ckpt.get('run')}`, not "
+                        f"`{args.stage} {args.run_name}`; pass the checkpoint.pth of this stage and model")
     return ckpt
 
 
@@ -248,18 +251,22 @@ def reduce_dict(losses, args):
 # ----------------------------------------------------------------------------------------------------------------------
 # the training loop shared by every stage
 
-def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate_fn, save_fn):
+def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate_fn, save_fn, resume=None):
     """Epoch loop: warm-up + step schedule, logging, per-epoch eval, atomic checkpoints, --resume.
 
     loss_fn(images, targets) -> dict of scalar losses (summed for the backward pass);
-    evaluate_fn() -> dict of metrics (rank 0) ; save_fn(epoch, metrics) writes the stage's own artefacts.
+    evaluate_fn() -> dict of metrics (rank 0) ; save_fn(epoch, metrics) writes the stage's own artefacts;
+    resume: the checkpoint dict prepare_output_dir loaded for --resume.
     """
     iters_per_epoch = len(train_loader) if args.max_iters is None else min(len(train_loader), args.max_iters)
+    if iters_per_epoch == 0:
+        raise UserError(f"{len(train_loader.dataset)} training images make no full batch of {args.batch_size} per "
+                        f"process; lower --batch-size or use more images")
     scheduler = build_scheduler(optimizer, args, iters_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for the ckpt format
     start_epoch, metrics = 0, {}
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
+    if resume is not None:
+        ckpt = resume
         module.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -272,6 +279,8 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
     for epoch in range(start_epoch, args.epochs):
         if args.distributed:
             train_loader.sampler.set_epoch(epoch)
+        elif getattr(train_loader.sampler, "generator", None) is not None:
+            train_loader.sampler.generator.manual_seed(args.seed + epoch)  # epoch k's order is the same after --resume
         module.train()
         t_epoch, n_images = time.time(), 0
         for it, (images, targets) in enumerate(train_loader):
@@ -309,23 +318,28 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
             jsonl.write(epoch=epoch, eval=metrics, epoch_time_s=time.time() - t_epoch)
         if is_main(args):
             save_fn(epoch, metrics)
-            atomic_save({"kind": CHECKPOINT_KIND, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+            atomic_save({"kind": CHECKPOINT_KIND, "stage": args.stage, "run": args.run_name,
+                         "model": module.state_dict(), "optimizer": optimizer.state_dict(),
                          "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                          "metrics": metrics, "args": vars(args)}, os.path.join(args.output_dir, "checkpoint.pth"))
     return metrics
 
 
 def prepare_output_dir(args, default_name):
-    """runs/<default_name> unless given; refuses to start over an earlier run's checkpoint without --resume."""
+    """runs/<default_name> unless given; checks --resume (returns its checkpoint) before anything is written, and
+    refuses to start over an earlier run's checkpoint."""
+    args.run_name = default_name
     args.output_dir = args.output_dir or os.path.join("runs", default_name)
     ckpt = os.path.join(args.output_dir, "checkpoint.pth")
-    if os.path.exists(ckpt) and not args.resume:
+    resume = load_checkpoint(args.resume, args) if args.resume else None
+    if os.path.exists(ckpt) and not (args.resume and os.path.samefile(args.resume, ckpt)):
         raise UserError(f"{ckpt} exists from an earlier run; pass --resume {ckpt} to continue it "
                         f"or --output-dir to start a new one")
     if is_main(args):
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
+    return resume
 
 
 def wrap_ddp(module, args, device):
@@ -356,6 +370,14 @@ def model_name(name, flag):
         raise UserError(f"{flag} {name}: {e}")
 
 
+def build_model(name, num_classes, flag, **kwargs):
+    """detectors.build_detector, with weight/checkpoint problems turned into one-line user errors."""
+    try:
+        return detectors.build_detector(name, num_classes, **kwargs)
+    except (detectors.CheckpointError, ValueError) as e:
+        raise UserError(f"{flag}: {e}")
+
+
 def family_of(name):
     return detectors.canonical_name(name).rsplit("_r", 1)[0].rsplit("_x", 1)[0]
 
@@ -367,11 +389,11 @@ def stage_train(args, device):
     name = model_name(args.model, "--model")
     family = family_of(name)
     set_schedule_defaults(args, family, epochs=12)
-    prepare_output_dir(args, f"train_{name}")
+    resume = prepare_output_dir(args, f"train_{name}")
     train_ds, train_loader, val_loader = build_data(args, with_masks=family == "mask_rcnn")
-    model = detectors.build_detector(name, train_ds.num_classes, weights=args.weights,
-                                     weights_backbone=args.weights_backbone,
-                                     min_size=args.min_size, max_size=args.max_size).to(device)
+    model = build_model(name, train_ds.num_classes, "--weights/--weights-backbone", weights=args.weights,
+                        weights_backbone=args.weights_backbone, min_size=args.min_size,
+                        max_size=args.max_size).to(device)
     log(args, f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{train_ds.num_classes - 1} classes, {len(train_ds)} training images")
     ddp_model = wrap_ddp(model, args, device)
@@ -383,7 +405,7 @@ def stage_train(args, device):
                     os.path.join(args.output_dir, "model.pth"))
 
     return fit(args, device, model, lambda im, tg: ddp_model(im, tg), params, sgd(params, args), train_loader,
-               lambda: evaluation.evaluate(model, val_loader, device), save)
+               lambda: evaluation.evaluate(model, val_loader, device), save, resume)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -398,8 +420,8 @@ def default_teacher_weights(name):
 
 
 def build_frozen_teacher(name, num_classes, weights, args, device):
-    teacher = detectors.build_detector(name, num_classes, weights=weights, min_size=args.min_size,
-                                       max_size=args.max_size).to(device)
+    teacher = build_model(name, num_classes, "teacher weights", weights=weights, min_size=args.min_size,
+                          max_size=args.max_size).to(device)
     teacher.eval().requires_grad_(False)
     return teacher
 
@@ -410,6 +432,11 @@ class AKEDetector(torch.nn.Module):
     def __init__(self, teacher, ake_model):
         super().__init__()
         self.teacher, self.unikd = teacher, ake_model
+
+    def train(self, mode=True):  # evaluate() restores train mode afterwards: the frozen teacher stays in eval
+        super().train(mode)
+        self.teacher.eval()
+        return self
 
     @torch.no_grad()
     def forward(self, images, targets=None):
@@ -431,9 +458,11 @@ def stage_pretrain(args, device):
         raise UserError("--stage pretrain needs --teacher NAME (e.g. --teacher retinanet_r50)")
     name = model_name(args.teacher, "--teacher")
     weights = args.teacher_weights or default_teacher_weights(name)
+    if os.path.exists(weights):  # a path (not DEFAULT): absolute, so ake.pth works from any folder
+        weights = os.path.abspath(weights)
     set_schedule_defaults(args, family_of(name), epochs=15, optimizer="adamw")
     args.clip_grad = 0.1 if args.clip_grad is None else args.clip_grad
-    prepare_output_dir(args, f"pretrain_{name}")
+    resume = prepare_output_dir(args, f"pretrain_{name}")
     train_ds, train_loader, val_loader = build_data(args, with_masks=False)
     teacher = build_frozen_teacher(name, train_ds.num_classes, weights, args, device)
     config = dict(num_classes=train_ds.num_classes - 1, num_queries=args.num_queries,
@@ -459,7 +488,7 @@ def stage_pretrain(args, device):
                     os.path.join(args.output_dir, "ake.pth"))
 
     return fit(args, device, ake, loss_fn, params, optimizer, train_loader,
-               lambda: evaluation.evaluate(AKEDetector(teacher, ake), val_loader, device), save)
+               lambda: evaluation.evaluate(AKEDetector(teacher, ake), val_loader, device), save, resume)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -526,8 +555,7 @@ def stage_distill(args, device):
     set_schedule_defaults(args, family_of(student_name), epochs=12)
     ake_path = args.ake or newest_ake()
     suffix = "" if args.method == "unikd" else f"_{args.method}"
-    if not args.kd_cost:
-        prepare_output_dir(args, f"distill_{student_name}{suffix}")
+    resume = None if args.kd_cost else prepare_output_dir(args, f"distill_{student_name}{suffix}")
     log(args, f"AKE: {ake_path}" + ("" if args.ake else " (newest runs/pretrain_*/ake.pth; pass --ake to choose)"))
     train_ds, train_loader, val_loader = build_data(args, with_masks=family_of(student_name) == "mask_rcnn")
     blob = load_ake(ake_path, train_ds.num_classes, teacher=args.teacher)
@@ -541,9 +569,8 @@ def stage_distill(args, device):
     if args.method == "unikd":
         ake = unikd.UniKD(**blob["config"])
         ake.load_state_dict(blob["state_dict"])
-    student = detectors.build_detector(student_name, train_ds.num_classes, weights=args.weights,
-                                       weights_backbone=args.weights_backbone,
-                                       min_size=args.min_size, max_size=args.max_size)
+    student = build_model(student_name, train_ds.num_classes, "--weights/--weights-backbone", weights=args.weights,
+                          weights_backbone=args.weights_backbone, min_size=args.min_size, max_size=args.max_size)
     if args.adapter_layers is None:  # sec. 4.1: two layers for UniKD; sec. 4.3 (b): one for the modified FitNet
         args.adapter_layers = 2 if args.method == "unikd" else 1
     model = Distiller(student, args.method, ake, args.adapter_layers).to(device)
@@ -570,7 +597,7 @@ def stage_distill(args, device):
                      "metrics": metrics, "args": vars(args)}, os.path.join(args.output_dir, "model.pth"))
 
     return fit(args, device, model, loss_fn, params, sgd(params, args), train_loader,
-               lambda: evaluation.evaluate(student, val_loader, device), save)
+               lambda: evaluation.evaluate(student, val_loader, device), save, resume)
 
 
 def benchmark_kd_cost(args, device, kd_loss_fn, teacher, student, params, train_loader):

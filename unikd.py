@@ -585,11 +585,11 @@ class Adapter(nn.Module):
         self.proj = nn.Conv2d(in_channels, d_model, 1)
         # the encoder's queries carry only a level embedding: positions enter through the reference points, so the
         # layer stays translation-equivariant like the convolutions it follows
-        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
         self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, n_levels, n_points, dim_ffn, dropout)
                                     for _ in range(num_layers))
         xavier_init_linears(self.layers)
-        nn.init.normal_(self.level_embed)
+        # only with layers: an unused parameter would stall DDP (no gradient to reduce)
+        self.level_embed = nn.Parameter(torch.randn(n_levels, d_model)) if num_layers else None
 
     def forward(self, feats):
         feats = [self.proj(f) for f in feats]
