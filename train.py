@@ -10,6 +10,7 @@ stage uses the embedded synthetic dataset (data/shapes/, generated on first use)
 """
 import argparse
 import glob
+import itertools
 import json
 import math
 import os
@@ -624,13 +625,8 @@ def benchmark_kd_cost(args, device, kd_loss_fn, teacher, student, params, train_
         return time.perf_counter() - t0
 
     times = {"plain": [], "kd": []}
-    batches = iter(train_loader)
-    for i in range(args.kd_cost + 2):
-        try:
-            images, targets = to_device(*next(batches), device)
-        except StopIteration:
-            batches = iter(train_loader)
-            images, targets = to_device(*next(batches), device)
+    for i, batch in enumerate(itertools.islice(itertools.cycle(train_loader), args.kd_cost + 2)):
+        images, targets = to_device(*batch, device)
         plain, kd = step_seconds(plain_loss_fn, images, targets), step_seconds(kd_loss_fn, images, targets)
         if i >= 2:
             times["plain"].append(plain)
