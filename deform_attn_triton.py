@@ -31,11 +31,14 @@ Backends
 Also here: `MSDeformAttn` (the Deformable DETR module, with its initialisation), `flatten_levels`, the
 `grid_sample` formulation `ms_deform_attn_grid_sample` (the speed baseline), and a CLI:
     python deform_attn_triton.py --bench            timings of every available backend vs grid_sample
-    python deform_attn_triton.py --compile-check    compiles the Triton kernels for sm_90 without a GPU
+    python deform_attn_triton.py --compile-check    builds both kernels for sm_80 and sm_90 without a GPU: a table
+                                                    of configs, registers, spills (what a GPU run would launch)
 """
 import argparse
 import contextlib
 import math
+import os
+import re
 import statistics
 import time
 import warnings
@@ -365,7 +368,7 @@ def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_ou
 # through their strides (no .contiguous() copies). The backward owns its queries' location/attention
 # gradients (all channels are summed inside one program, no atomics) and scatters the value gradient
 # with fp32 atomics into a zeroed buffer; neither kernel is autotuned (re-running an atomic kernel
-# for timing would double-count), block sizes come from `_triton_blocks`.
+# for timing would double-count), launch parameters come from `launch_config`.
 
 if triton is not None:
 
@@ -510,16 +513,48 @@ if triton is not None:
 _TRITON_INTERPRETED = triton is not None and type(_msda_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def _triton_blocks(B, Q, H, C, device):
-    """(BLOCK_Q, BLOCK_C, num_warps): channel tiles up to 64 wide; query tiles shrink until the grid
-    has at least ~2 programs per SM (the decoder's Q=200, B*H=16 would otherwise fill 64 programs)."""
-    block_c = min(64, triton.next_power_of_2(max(C, 1)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+class LaunchConfig(NamedTuple):
+    """Everything a launch of one MSDA kernel fixes besides its arguments."""
+    block_q: int
+    block_c: int
+    num_warps: int
+    num_stages: int
+    grid: tuple
+
+
+# SM counts of the reference GPU of each compute capability, for ahead-of-time checks (A100, H100);
+# a real launch reads its own device's count.
+AOT_TARGET_SMS = {80: 108, 90: 132}
+
+
+def launch_config(kernel, B, Q, H, C, dtype, arch, num_sms):
+    """The launch configuration of kernel "fwd" or "bwd" -- a pure function of the problem sizes, the
+    value dtype and the target (compute capability `arch`, e.g. 90, and its SM count; arch 0 and one
+    SM for the CPU interpreter). The launcher and `--compile-check` both call it, so what is compiled
+    ahead of time is what a GPU run launches.
+
+    Channel tiles are up to 64 wide (32 for fp64, whose fp64 accumulators double the registers);
+    query tiles shrink from 64 until the grid has at least ~2 programs per SM (the decoder's Q=200,
+    B*H=16 would otherwise fill 64 programs of 132 SMs). Warps: one per 512 tile elements in the
+    forward, one per 256 in the backward, which holds four corner tiles and the gradient tile at
+    once (at 64x32 with 4 warps it spilled on sm_80: 255 registers, 360 B of local memory, found by
+    `--compile-check`; 8 warps: 244, none). The kernels gather rows through pointers, which Triton
+    does not software-pipeline, so one stage: more would buy no overlap, only shared memory."""
+    block_c = min(32 if dtype == torch.float64 else 64, triton.next_power_of_2(max(C, 1)))
     block_q = 64
-    while block_q > 16 and B * H * triton.cdiv(Q, block_q) < 2 * sms:
+    while block_q > 16 and B * H * triton.cdiv(Q, block_q) < 2 * num_sms:
         block_q //= 2
-    num_warps = 4 if block_q * block_c >= 2048 else 2
-    return block_q, block_c, num_warps
+    num_warps = max(2, min(8, block_q * block_c // (512 if kernel == "fwd" else 256)))
+    grid = (triton.cdiv(Q, block_q), B * H) + ((triton.cdiv(C, block_c),) if kernel == "fwd" else ())
+    return LaunchConfig(block_q, block_c, num_warps, 1, grid)
+
+
+def _device_target(device):
+    """(arch, num_sms) of the device a launch runs on; (0, 1) for the CPU interpreter."""
+    if device.type != "cuda":
+        return 0, 1
+    props = torch.cuda.get_device_properties(device)
+    return props.major * 10 + props.minor, props.multi_processor_count
 
 
 def _triton_acc(*tensors):
@@ -532,40 +567,40 @@ def _device_guard(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _fwd_launch(value, spatial_shapes, level_start_index, loc, attn, out):
-    """(grid, positional args, meta-parameters) of one forward launch; out is [B, Q, H, C]."""
+def _fwd_launch(value, spatial_shapes, level_start_index, loc, attn, out, target=None):
+    """(LaunchConfig, positional args, meta-parameters) of one forward launch; out is [B, Q, H, C];
+    target (arch, num_sms) defaults to the value's device."""
     B, S, H, C = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    block_q, block_c, num_warps = _triton_blocks(B, Q, H, C, value.device)
-    grid = (triton.cdiv(Q, block_q), B * H, triton.cdiv(C, block_c))
+    cfg = launch_config("fwd", B, Q, H, C, value.dtype, *(target or _device_target(value.device)))
     args = (value, spatial_shapes, level_start_index, loc, attn, out,
             Q, H, C, *value.stride(), *loc.stride(), *attn.stride(), *out.stride()[:3])
-    return grid, args, dict(L=L, P=P, BLOCK_Q=block_q, BLOCK_C=block_c, ACC=_triton_acc(value, loc, attn),
-                            num_warps=num_warps)
+    return cfg, args, dict(L=L, P=P, BLOCK_Q=cfg.block_q, BLOCK_C=cfg.block_c,
+                           ACC=_triton_acc(value, loc, attn), num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)
 
 
 def _triton_forward(value, spatial_shapes, level_start_index, loc, attn):
     B, S, H, C = value.shape
     out = value.new_empty(B, loc.shape[1], H, C)
-    grid, args, meta = _fwd_launch(value, spatial_shapes, level_start_index, loc, attn, out)
+    cfg, args, meta = _fwd_launch(value, spatial_shapes, level_start_index, loc, attn, out)
     with _device_guard(value.device):
-        _msda_fwd_kernel[grid](*args, **meta)
+        _msda_fwd_kernel[cfg.grid](*args, **meta)
     return out.view(B, loc.shape[1], H * C)
 
 
 def _bwd_launch(value, spatial_shapes, level_start_index, loc, attn, grad_out, grad_value, grad_loc,
-                grad_attn):
-    """(grid, positional args, meta-parameters) of one backward launch."""
+                grad_attn, target=None):
+    """(LaunchConfig, positional args, meta-parameters) of one backward launch (target: as _fwd_launch)."""
     B, S, H, C = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    block_q, block_c, num_warps = _triton_blocks(B, Q, H, C, value.device)
-    grid = (triton.cdiv(Q, block_q), B * H)
+    cfg = launch_config("bwd", B, Q, H, C, value.dtype, *(target or _device_target(value.device)))
     args = (value, spatial_shapes, level_start_index, loc, attn, grad_out, grad_value, grad_loc, grad_attn,
             Q, H, C, *value.stride(), *loc.stride(), *attn.stride(), *grad_out.stride(),
             *grad_value.stride()[:3])
-    return grid, args, dict(L=L, P=P, BLOCK_Q=block_q, BLOCK_C=block_c,
-                            NUM_C_BLOCKS=triton.cdiv(C, block_c), ACC=_triton_acc(value, loc, attn),
-                            num_warps=num_warps)
+    return cfg, args, dict(L=L, P=P, BLOCK_Q=cfg.block_q, BLOCK_C=cfg.block_c,
+                           NUM_C_BLOCKS=triton.cdiv(C, cfg.block_c), ACC=_triton_acc(value, loc, attn),
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _triton_backward(value, spatial_shapes, level_start_index, loc, attn, grad_out):
@@ -577,10 +612,10 @@ def _triton_backward(value, spatial_shapes, level_start_index, loc, attn, grad_o
     grad_value = torch.zeros(B, S, H, C, dtype=acc, device=value.device)
     grad_loc = torch.empty(B, Q, H, L, P, 2, dtype=acc, device=value.device)
     grad_attn = torch.empty(B, Q, H, L, P, dtype=acc, device=value.device)
-    grid, args, meta = _bwd_launch(value, spatial_shapes, level_start_index, loc, attn, grad_out,
-                                   grad_value, grad_loc, grad_attn)
+    cfg, args, meta = _bwd_launch(value, spatial_shapes, level_start_index, loc, attn, grad_out,
+                                  grad_value, grad_loc, grad_attn)
     with _device_guard(value.device):
-        _msda_bwd_kernel[grid](*args, **meta)
+        _msda_bwd_kernel[cfg.grid](*args, **meta)
     return grad_value.to(value.dtype), grad_loc.to(loc.dtype), grad_attn.to(attn.dtype)
 
 
@@ -796,8 +831,9 @@ def _bench_one(impl, inputs, device, runs):
     return t_fwd, t_fb, peak
 
 
-def _bench(runs, only=None):
+def _bench(runs, only=None, device="all"):
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [d for d in devices if device in ("all", d.type)]
     print(f"torch {torch.__version__}, triton {getattr(triton, '__version__', 'absent')}, "
           f"CPU threads {torch.get_num_threads()}"
           + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
@@ -824,49 +860,164 @@ def _bench(runs, only=None):
                     print(line + (f"  {peak:8.1f}" if peak is not None else ""), flush=True)
 
 
-def _compile_check(arch=90, dtype=torch.bfloat16):
-    """Compiles both Triton kernels ahead of time for sm_<arch> (no GPU needed), specialised the way
-    the JIT launcher would for the decoder bench size; returns {kernel: (ptx chars, cubin bytes)}."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    if not hasattr(_msda_fwd_kernel, "arg_names"):
-        raise RuntimeError("unset TRITON_INTERPRET to compile the kernels ahead of time")
-    value, shapes, starts, loc, attn = [t.to("meta") for t in _bench_inputs(_bench_sizes(
-        torch.device("cpu"))["decoder"], torch.device("cpu"), torch.float32)]
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                torch.int64: "i64"}
+
+
+def _aot_launches(size, dtype, arch):
+    """[(kernel, LaunchConfig, positional args, meta)] of the forward and backward launch for a bench
+    size, as the launcher builds them on a GPU of compute capability `arch` -- on meta tensors."""
+    value, shapes, starts, loc, attn = [t.to("meta") for t in _bench_inputs(size, torch.device("cpu"),
+                                                                             torch.float32)]
     value, loc, attn = value.to(dtype), loc.to(dtype), attn.to(dtype)
     B, S, H, C = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    f32 = dict(dtype=torch.float32, device="meta")
-    launches = [
-        (_msda_fwd_kernel, _fwd_launch(value, shapes, starts, loc, attn, value.new_empty(B, Q, H, C))),
-        (_msda_bwd_kernel, _bwd_launch(value, shapes, starts, loc, attn, value.new_empty(B, Q, H, C),
-                                       torch.empty(B, S, H, C, **f32), torch.empty(B, Q, H, L, P, 2, **f32),
-                                       torch.empty(B, Q, H, L, P, **f32))),
-    ]
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
-    result = {}
-    for kernel, (_, args, meta) in launches:
-        num_warps = meta.pop("num_warps")
-        signature, constexprs, attrs = {}, dict(meta), {}
-        for i, (name, arg) in enumerate(zip(kernel.arg_names, args)):
-            if isinstance(arg, torch.Tensor):
-                signature[name] = "*" + names[arg.dtype]
-                attrs[(i,)] = [["tt.divisibility", 16]]       # torch allocations are 16-byte aligned
-            elif arg == 1:                                    # the JIT turns 1 into a constant
-                constexprs[name] = 1
-            else:
-                signature[name] = "i32" if abs(arg) < 2 ** 31 else "i64"
-                if arg % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        for name in constexprs:
-            signature[name] = "constexpr"
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
-                                            attrs=attrs),
-                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
-        result[f"{kernel.__name__} {names[dtype]}"] = (len(compiled.asm["ptx"]), len(compiled.asm["cubin"]))
-    return result
+    acc = dict(dtype=_compute_dtype(value), device="meta")
+    target = (arch, AOT_TARGET_SMS.get(arch, AOT_TARGET_SMS[90]))
+    launches = []
+    for kernel, build, args in (
+            (_msda_fwd_kernel, _fwd_launch, (value.new_empty(B, Q, H, C),)),
+            (_msda_bwd_kernel, _bwd_launch, (value.new_empty(B, Q, H, C), torch.empty(B, S, H, C, **acc),
+                                             torch.empty(B, Q, H, L, P, 2, **acc),
+                                             torch.empty(B, Q, H, L, P, **acc)))):
+        cfg, call_args, meta = build(value, shapes, starts, loc, attn, *args, target=target)
+        launches.append((kernel, cfg, call_args, meta))
+    return launches
+
+
+def _aot_signature(kernel, args, meta):
+    """(signature, constexprs, attrs) of `triton.compile`, specialised as the JIT does for these args:
+    pointers and integers divisible by 16 get the divisibility hint, an integer equal to 1 becomes a constant."""
+    signature, constexprs, attrs = {}, {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}, {}
+    for i, (name, arg) in enumerate(zip(kernel.arg_names, args)):
+        if isinstance(arg, torch.Tensor):
+            signature[name] = "*" + _DTYPE_NAMES[arg.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]           # torch allocations are 16-byte aligned
+        elif arg == 1:
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32" if abs(arg) < 2 ** 31 else "i64"
+            if arg % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for name in constexprs:
+        signature[name] = "constexpr"
+    return signature, constexprs, attrs
+
+
+def _cubin_resources(cubin):
+    """{"REG": .., "STACK": .., "LOCAL": ..} from `cuobjdump -res-usage` (shipped with triton's NVIDIA
+    backend); {} where it is missing. LOCAL/STACK > 0 means registers spilled to local memory."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
+
+
+def _first_error_line(text):
+    """The line of a compiler's output that says what went wrong (ptxas/LLVM put it among pages of IR)."""
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    for pattern in (r"fatal|LLVM ERROR|out of resources", r"error"):
+        hits = [l for l in lines if re.search(pattern, l, re.IGNORECASE) and "reproducer" not in l]
+        if hits:
+            return hits[0]
+    return lines[-1] if lines else "no message"
+
+
+def _compile_isolated(build):
+    """Runs build() -> CompiledKernel in a forked child, so that a compiler that aborts the process (LLVM
+    does, on an instruction the target lacks) fails one table row, not the check. Returns {shared, regs,
+    spill, ptx_lines, seconds} or {error, seconds}."""
+    import json
+    import tempfile
+    read_fd, write_fd = os.pipe()
+    with tempfile.TemporaryFile() as log:
+        t0 = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:                                             # child: compile, report, exit
+            os.close(read_fd)
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                compiled = build()
+                res = _cubin_resources(compiled.asm["cubin"])
+                out = dict(shared=compiled.metadata.shared, regs=res.get("REG"),
+                           spill=(res["STACK"] + res["LOCAL"]) if "LOCAL" in res else None,
+                           ptx_lines=compiled.asm["ptx"].count("\n"))
+            except BaseException as e:  # noqa: B036 - reported as the row's error
+                out = dict(error=f"{type(e).__name__}: {_first_error_line(str(e))}")
+            os.write(write_fd, json.dumps(out).encode())
+            os._exit(0)
+        os.close(write_fd)
+        with os.fdopen(read_fd) as pipe:
+            payload = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        seconds = time.perf_counter() - t0
+        if payload:
+            return dict(json.loads(payload), seconds=seconds)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+        return dict(error=f"compiler died ({os.waitstatus_to_exitcode(status)}): {_first_error_line(text)}",
+                    seconds=seconds)
+
+
+def compile_check(archs=(80, 90), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                  sizes=("decoder", "encoder-128px", "encoder-512px")):
+    """Compiles the forward and backward kernels ahead of time (no GPU needed) for every target, dtype and
+    bench size, at the configuration `launch_config` picks there; identical compilations are done once.
+    Returns rows of dicts (kernel, target, dtype, sizes, config, shared, regs, spill, ptx_lines, seconds,
+    error); a failed compilation has its Triton message in "error"."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if _TRITON_INTERPRETED:
+        raise RuntimeError("unset TRITON_INTERPRET to compile the kernels ahead of time")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    triton.knobs.compilation.always_compile = True      # time real builds, not cache hits
+    rows = {}
+    for arch in archs:
+        for dtype in dtypes:
+            for size in sizes:
+                for kernel, cfg, args, meta in _aot_launches(_bench_sizes(torch.device("cpu"))[size], dtype, arch):
+                    signature, constexprs, attrs = _aot_signature(kernel, args, meta)
+                    key = (kernel.__name__, arch, dtype, repr(signature), repr(sorted(constexprs.items())),
+                           cfg.num_warps, cfg.num_stages)
+                    if key in rows:
+                        rows[key]["sizes"].append(size)
+                        continue
+                    row = dict(kernel=kernel.__name__, target=f"sm_{arch}", dtype=_DTYPE_NAMES[dtype],
+                               sizes=[size], config=f"Q{cfg.block_q} C{cfg.block_c} w{cfg.num_warps} s{cfg.num_stages}",
+                               grid=cfg.grid, error=None)
+                    row.update(_compile_isolated(lambda: triton.compile(
+                        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                        target=GPUTarget("cuda", arch, 32),
+                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))))
+                    rows[key] = row
+    return list(rows.values())
+
+
+def _print_compile_table(rows):
+    na = lambda v: "n/a" if v is None else v
+    print(f"triton {triton.__version__}; configs from launch_config at the SM count of each target "
+          f"({', '.join(f'sm_{a}: {n}' for a, n in AOT_TARGET_SMS.items())}); regs/spill from cuobjdump -res-usage")
+    print(f"{'kernel':17} {'target':6} {'dtype':5} {'config':17} {'smem B':>6} {'regs':>4} {'spill B':>7} "
+          f"{'PTX lines':>9} {'s':>5}  sizes")
+    for r in rows:
+        head = f"{r['kernel']:17} {r['target']:6} {r['dtype']:5} {r['config']:17}"
+        if r["error"]:
+            print(f"{head} FAILED ({', '.join(r['sizes'])}): {r['error']}", flush=True)
+        else:
+            print(f"{head} {r['shared']:>6} {na(r['regs']):>4} {na(r['spill']):>7} {r['ptx_lines']:>9} "
+                  f"{r['seconds']:5.1f}  {', '.join(r['sizes'])}", flush=True)
 
 
 def main(argv=None):
@@ -875,23 +1026,33 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (median, >= 10)")
     parser.add_argument("--sizes", default="", help="comma-separated subset of the bench sizes "
                         "(decoder, encoder-128px, encoder-512px, decoder-B4Q300 on GPU); default all")
+    parser.add_argument("--device", default="all", choices=["all", "cpu", "cuda"], help="--bench devices")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (torch.set_num_threads); "
                         "0 keeps torch's default. On a machine busy with other work use 1: waiting for a "
                         "descheduled worker thread at every parallel op can cost more than the op")
     parser.add_argument("--compile-check", action="store_true",
-                        help="compile the Triton kernels for sm_90 ahead of time (no GPU needed)")
+                        help="compile both Triton kernels ahead of time (no GPU needed) for every target, dtype "
+                             "and bench size; prints a table, exit code 1 if any build fails")
+    parser.add_argument("--archs", default="80,90", help="--compile-check targets (compute capabilities)")
+    parser.add_argument("--dtypes", default="fp32,fp16,bf16", help="--compile-check dtypes")
     args = parser.parse_args(argv)
     if not (args.bench or args.compile_check):
         parser.error("nothing to do: pass --bench and/or --compile-check")
+    failed = False
     if args.compile_check:
-        for dtype in (torch.float32, torch.bfloat16):
-            for name, (ptx, cubin) in _compile_check(dtype=dtype).items():
-                print(f"{name}: sm_90 PTX {ptx} chars, cubin {cubin} bytes", flush=True)
+        by_name = {v: k for k, v in _DTYPE_NAMES.items()}
+        rows = compile_check(archs=[int(a) for a in args.archs.split(",")],
+                             dtypes=[by_name[d] for d in args.dtypes.split(",")],
+                             sizes=[s for s in args.sizes.split(",") if s] or
+                             ("decoder", "encoder-128px", "encoder-512px"))
+        _print_compile_table(rows)
+        failed = any(r["error"] for r in rows)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.bench:
-        _bench(max(args.runs, 10), [s for s in args.sizes.split(",") if s])
+        _bench(max(args.runs, 10), [s for s in args.sizes.split(",") if s], args.device)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -415,15 +415,82 @@ def test_flatten_levels():
 # Ahead-of-time compile for a real GPU (no GPU needed)
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(msda.triton is None, reason="triton not installed")
-def test_triton_kernels_compile_for_sm90():
+def run_compile_check(*flags):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "deform_attn_triton.py"), "--compile-check"],
+    return subprocess.run([sys.executable, os.path.join(HERE, "deform_attn_triton.py"), "--compile-check", *flags],
                           capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for kernel in ("_msda_fwd_kernel", "_msda_bwd_kernel"):
-        for dtype in ("fp32", "bf16"):
-            assert f"{kernel} {dtype}: sm_90 PTX" in proc.stdout
+
+
+def compile_table(stdout):
+    """Rows of the --compile-check table: kernel, target, dtype, config, then figures or FAILED."""
+    return [line.split() for line in stdout.splitlines() if line.startswith("_msda_")]
+
+
+@pytest.mark.skipif(msda.triton is None, reason="triton not installed")
+def test_triton_kernels_compile_for_sm90_at_the_launchers_decoder_config():
+    proc = run_compile_check("--archs", "90", "--dtypes", "fp32,bf16", "--sizes", "decoder")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = compile_table(proc.stdout)
+    assert sorted((r[0], r[2]) for r in rows) == sorted(itertools.product(
+        ["_msda_fwd_kernel", "_msda_bwd_kernel"], ["fp32", "bf16"]))
+    # the decoder (B*H = 16 programs per query block, Q = 200) on 132 SMs: query blocks halve from 64 until
+    # 16 * ceil(200 / block) >= 2 * 132 or the block is 16 -> 16; 16 x 32 tile elements -> 2 warps
+    B, Q, H, C, P, shapes = msda._bench_sizes(torch.device("cpu"))["decoder"]
+    for kernel, target, dtype, *config_and_figures in rows:
+        assert target == "sm_90" and "FAILED" not in config_and_figures
+        config, (smem, regs, spill, ptx_lines, seconds), sizes = config_and_figures[:4], config_and_figures[4:9], \
+            config_and_figures[9:]
+        assert config == ["Q16", "C32", "w2", "s1"] and sizes == ["decoder"]
+        assert int(regs) <= 255 and int(spill) == 0 and int(ptx_lines) > 100
+        # what a real H100 launch of these sizes would use is exactly what was compiled
+        cfg = msda.launch_config("fwd" if "fwd" in kernel else "bwd", B, Q, H, C, torch.float32, 90, 132)
+        assert (cfg.block_q, cfg.block_c, cfg.num_warps, cfg.num_stages) == (16, 32, 2, 1)
+
+
+@pytest.mark.skipif(msda.triton is None, reason="triton not installed")
+def test_compile_check_names_kernel_target_dtype_and_message_of_a_failed_build():
+    proc = run_compile_check("--archs", "20", "--dtypes", "fp32", "--sizes", "decoder")
+    assert proc.returncode == 1
+    failed = [line for line in proc.stdout.splitlines() if "FAILED" in line]
+    assert {line.split()[0] for line in failed} == {"_msda_fwd_kernel", "_msda_bwd_kernel"}
+    for line in failed:
+        assert " sm_20 " in line and " fp32 " in line
+        message = line.split("FAILED (decoder): ", 1)[1]
+        assert "sm_20" in message or "LLVM ERROR" in message      # the compiler's own words, one line
+
+
+@pytest.mark.parametrize("Q,expected_block_q", [(200, 16), (600, 32), (2000, 64), (5, 16)])
+def test_launch_config_grid_covers_the_problem_and_fills_the_sms(Q, expected_block_q):
+    B, H, C = 2, 8, 32
+    for kernel in ("fwd", "bwd"):
+        cfg = msda.launch_config(kernel, B, Q, H, C, torch.bfloat16, 90, 132)
+        assert cfg.block_q == expected_block_q
+        assert cfg.grid[0] * cfg.block_q >= Q > (cfg.grid[0] - 1) * cfg.block_q and cfg.grid[1] == B * H
+        if kernel == "fwd":
+            assert cfg.grid[2] * cfg.block_c >= C
+        # a smaller block would be needed only if this one left SMs idle
+        assert cfg.block_q == 16 or B * H * math.ceil(Q / cfg.block_q) >= 2 * 132
+        assert cfg.num_warps * 32 <= cfg.block_q * cfg.block_c           # no idle threads in a tile
+    assert msda.launch_config("fwd", B, Q, H, 256, torch.float64, 90, 132).block_c == 32
+
+
+@pytest.mark.skipif(msda.triton is None, reason="triton not installed")
+def test_triton_launcher_uses_launch_config(monkeypatch):
+    """The interpreted launch goes through launch_config (target (0, 1) on CPU); a config it returns changes
+    the launch, and any config it may return gives the oracle's answer."""
+    calls = []
+
+    def spy(kernel, B, Q, H, C, dtype, arch, num_sms):
+        calls.append((kernel, arch, num_sms))
+        return msda.LaunchConfig(16, 8, 2, 1, (math.ceil(Q / 16), B * H) + ((math.ceil(C / 8),) if kernel == "fwd"
+                                                                            else ()))
+    monkeypatch.setattr(msda, "launch_config", spy)
+    case = CASES["C30"]()
+    leaves = [t.clone().requires_grad_(True) if t.is_floating_point() else t for t in case]
+    out = ms_deform_attn(*leaves, backend="triton")
+    out.sum().backward()
+    assert calls == [("fwd", 0, 1), ("bwd", 0, 1)]
+    torch.testing.assert_close(out.double(), oracle(*case), rtol=1e-5, atol=2e-5)
 
 
 # ====================================================================================================================
