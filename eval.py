@@ -34,7 +34,6 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 import detectors
@@ -210,7 +209,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.cat_to_label = {cat: label for label, cat in self.label_to_cat.items()}
         self.num_classes = len(self.cat_ids) + 1  # + background, for every family (torchvision convention)
         self.class_names = [self.coco.cats[c].get("name", str(c)) for c in self.cat_ids]
-        self.flip = v2.RandomHorizontalFlip(0.5) if train else None
+        self.flip_p = 0.5 if train else 0.0  # horizontal flip probability (the only training augmentation)
         self.ids, self.stats = self._usable_ids()
         log.info("%s: %s", ann_file, self.summary())
 
@@ -254,6 +253,11 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, index):
+        return self.load(index, flip=bool(torch.rand(()) < self.flip_p))
+
+    def load(self, index, flip: bool):
+        """Item `index` with the horizontal flip decided by the caller; target["flipped"] records it, so an
+        offline knowledge store can serve the entry that matches the student's augmentation."""
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         image = self._read_image(info)  # tv_tensors.Image uint8 [3, h0, w0]
@@ -276,13 +280,15 @@ class CocoDetection(torch.utils.data.Dataset):
         size = resized_hw(h0, w0, self.min_size, self.max_size)
         image, target = F.resize(image, size), {k: F.resize(v, size) if k != "labels" else v
                                                 for k, v in target.items()}
-        if self.flip is not None:
-            image, target = self.flip(image, target)
+        if flip:
+            image, target = F.horizontal_flip(image), {k: F.horizontal_flip(v) if k != "labels" else v
+                                                       for k, v in target.items()}
         image = F.to_dtype(image, torch.float32, scale=True)
 
         out = {k: v.as_subclass(torch.Tensor) for k, v in target.items()}  # plain tensors for models / DDP
         out["image_id"] = int(image_id)
         out["orig_size"] = (int(h0), int(w0))
+        out["flipped"] = bool(flip)
         return image.as_subclass(torch.Tensor), out
 
     def _read_image(self, info):

@@ -759,12 +759,13 @@ def colour_under(image_uint8, mask):
 @pytest.mark.parametrize("min_size,max_size", [(128, 192), (64, 1000)])
 def test_loader_boxes_and_masks_land_on_the_drawn_shapes_after_resize_and_flip(shapes, min_size, max_size):
     dataset = shapes_split(shapes, "train", train=True, min_size=min_size, max_size=max_size, with_masks=True)
-    dataset.flip = v2.RandomHorizontalFlip(1.0)  # always flip, so the test knows
+    dataset.flip_p = 1.0  # always flip, so the test knows
     loader = ev.build_loader(dataset, batch_size=4, train=False)
     scale = min_size / H
     checked, mismatched_unflipped = 0, 0
     for images, targets in loader:
         for image, target in zip(images, targets):
+            assert target["flipped"] is True
             anns = [a for a in dataset.coco.imgToAnns[target["image_id"]]]
             picture = (image.permute(1, 2, 0).numpy() * 255).round()
             assert image.shape[-2:] == (round(H * scale), round(W * scale))
@@ -1617,3 +1618,216 @@ def test_pretrain_and_distill_bad_input(pretrained, tmp_path):
     res = run(["--stage", "distill", "--student", "fcos_r18", "--ake", str(other), "--output-dir",
                str(tmp_path / "c")] + one, cwd)
     assert_user_error(res, "80 classes")
+
+
+# ====================================================================================================================
+# offline KD: --stage dump and --stage distill --offline (train.py)
+# ====================================================================================================================
+
+def write_store(path, batches, layout_args=(20, 256, "fp16")):
+    """A knowledge store written with train.py's own writer pieces: batches = [(knowledge, image_ids, flip, hw)]."""
+    import train
+    layout = train.record_layout(*layout_args)
+    partial = str(path) + ".partial"
+    os.makedirs(partial)
+    records = np.concatenate([train.knowledge_to_records(k, ids, flip, hw, layout, layout_args[2])
+                              for k, ids, flip, hw in batches])
+    records.tofile(os.path.join(partial, "shard_00000.bin"))
+    with open(os.path.join(partial, "shard_00000.json"), "w") as f:
+        json.dump({"entries": [[int(r["image_id"]), int(r["flip"]), __import__("zlib").crc32(r.tobytes())]
+                               for r in records], "fitnet_full_bytes": 1, "fitnet_fg_bytes": 1,
+                   "entries_measured": 1}, f)
+    params = {"num_queries": layout_args[0], "d_model": layout_args[1], "dtype": layout_args[2], "flips": [0, 1],
+              "ake": "x", "ake_sha256": "x", "teacher": "fcos_r18"}
+    train.write_store_index(partial, params, [None], layout, 2)
+    os.replace(partial, path)
+    return train.KnowledgeStore(str(path))
+
+
+def test_offline_step_equals_online_step_within_fp16(tmp_path):
+    """The same images, random boxes and flip: the loss from the store equals the online one within fp16
+    rounding, and one SGD step moves the student and phi the same way."""
+    import train
+    torch.manual_seed(0)
+    teacher = build("fcos_r18", num_classes=9).eval().requires_grad_(False)
+    ake = unikd.UniKD(num_classes=8, num_queries=20)
+    distiller = train.Distiller(build("retinanet_r18", num_classes=9), "unikd", ake, adapter_layers=1)
+    images, targets = images_and_targets()
+    for i, t in enumerate(targets):
+        t.update(image_id=100 + i, flipped=bool(i % 2))
+    # online: teacher features -> knowledge with a seeded generator inside the step
+    with torch.no_grad():
+        out = detectors.forward_features(teacher, images, targets)
+        knowledge = ake.teacher_knowledge(out.features, train.normalized_targets(out), torch.Generator().manual_seed(5))
+    store = write_store(tmp_path / "store", [(knowledge, [100, 101], 0, out.batch_size_hw)], (20, 256, "fp16"))
+    # the store keeps what was written: one flip state per image here (image 101 stored as flip 0)
+    for t in targets:
+        t["flipped"] = False
+    steps = {}
+    for mode in ("online", "offline"):
+        model = copy.deepcopy(distiller)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        if mode == "online":
+            losses = model(images, targets, out.features, torch.Generator().manual_seed(5))
+        else:
+            losses = model(images, targets, store=store)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        steps[mode] = (losses, {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad})
+    (on, d_on), (off, d_off) = steps["online"], steps["offline"]
+    assert set(on) == set(off) and {"loss_kd_ct", "loss_kd_pos"} <= set(on)
+    for k in on:  # fp16 embeddings: relative rounding 2^-11, amplified a little by one decoder layer
+        torch.testing.assert_close(off[k], on[k], rtol=5e-3, atol=1e-5)
+    changed = 0
+    for n in d_on:
+        scale = d_on[n].abs().max().item()
+        if scale > 0:
+            changed += 1
+            assert (d_off[n] - d_on[n]).abs().max().item() <= 2e-2 * scale + 1e-7, n
+    assert changed > 0.9 * len(d_on)
+    # and the stored embeddings are the online ones rounded to fp16
+    restored = store.knowledge(targets, out.batch_size_hw, torch.device("cpu"))
+    torch.testing.assert_close(restored.z_ct, knowledge.z_ct.half().float(), rtol=0, atol=0)
+    assert torch.equal(restored.pos_mask_ct, knowledge.pos_mask_ct) and torch.equal(restored.boxes, knowledge.boxes)
+
+
+def test_store_rescales_points_to_the_students_batch(tmp_path):
+    """A record dumped on a 64x96 canvas read into a 128x96 student batch: the same pixels, in new normalised units."""
+    import train
+    N, C = 3, 8
+    k = unikd.Knowledge(torch.zeros(1, N, C), torch.tensor([[[0.5, 0.5], [0.25, 1.0], [1.0, 0.0]]]),
+                        torch.zeros(1, N, C), torch.tensor([[[0.5, 0.5, 0.2, 0.4]] * N]), torch.zeros(1, N, C),
+                        torch.zeros(1, N, C), torch.zeros(1, N, dtype=torch.bool), torch.ones(1, N, dtype=torch.bool))
+    store = write_store(tmp_path / "s", [(k, [7], 0, (64, 96))], (N, C, "bf16"))
+    got = store.knowledge([{"image_id": 7, "flipped": False}], (128, 96), torch.device("cpu"))
+    # pixel (x, y) = (0.5 * 96, 0.5 * 64) = (48, 32) -> (48 / 96, 32 / 128)
+    assert got.reference_ct[0].tolist() == [[0.5, 0.25], [0.25, 0.5], [1.0, 0.0]]
+    torch.testing.assert_close(got.boxes[0, 0], torch.tensor([0.5, 0.25, 0.2, 0.2]))
+
+
+@pytest.fixture(scope="module")
+def dumped(pretrained):
+    """--stage dump of the pretrained AKE's teacher over the tiny set, 3 shards of 3 images, both flips."""
+    cwd, one = pretrained
+    res = run(["--stage", "dump", "--dump-shard-images", "3", "--output-dir", "runs/store"] + one, cwd)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return cwd, one, cwd / "runs" / "store", res
+
+
+def test_dump_round_trip_and_storage_report(dumped):
+    import train
+    cwd, one, store_dir, res = dumped
+    store = train.KnowledgeStore(str(store_dir))
+    m = store.manifest
+    assert m["teacher"] == "fcos_r18" and m["num_queries"] == 20 and m["d_model"] == 256 and m["dtype"] == "fp16"
+    assert m["flips"] == [0, 1] and len(m["shards"]) == 3 and not os.path.exists(str(store_dir) + ".partial")
+    ake = cwd / "runs" / "pretrain_fcos_r18" / "ake.pth"
+    assert m["ake_sha256"] == train.file_sha256(ake)
+    ds = ev.CocoDetection(str(cwd / "data" / "shapes_8x4_64x64_s0" / "train2017"),
+                          str(cwd / "data" / "shapes_8x4_64x64_s0" / "annotations" / "instances_train2017.json"),
+                          train=True, min_size=64, max_size=64)
+    assert m["image_ids"] == sorted(ds.ids)
+    for image_id in ds.ids:
+        for flip in (False, True):
+            k = store.knowledge([{"image_id": image_id, "flipped": flip}], (64, 64), torch.device("cpu"))
+            assert k.z_ct.shape == (1, 20, 256) and k.z_ct.dtype == torch.float32
+            assert k.reference_ct.shape == (1, 20, 2) and k.boxes.shape == (1, 20, 4) and k.pos_mask_ct.dtype == torch.bool
+            assert torch.isfinite(k.z_pos).all() and k.pos_mask_pos.any()
+    rec = store.records([ds.ids[0]], [1])[0]
+    assert rec["z_ct"].dtype == np.float16 and rec["flip"] == 1 and tuple(rec["canvas"]) == (64, 64)
+    # storage: bytes per image by hand (4 fp16 [N, C] tensors, fp32 points and boxes, masks, id/canvas/flip)
+    s = m["storage"]
+    assert 2 * (4 * 20 * 256 * 2 + 20 * 6 * 4 + 2 * 20) <= s["bytes_per_image"] <= 2 * (4 * 20 * 256 * 2 + 20 * 6 * 4 + 2 * 20 + 64)
+    # FitNet at 64 px: levels 8x8 + 4x4 + 2x2 + 1x1 of 256 fp16 channels, both flips
+    assert s["fitnet_full_bytes_per_image"] == 2 * (64 + 16 + 4 + 1) * 256 * 2
+    # COCO 800x1333 padded to 832x1344: (104*168 + 52*84 + 26*42 + 13*21) cells
+    assert s["coco_fitnet_full_bytes"] == 118287 * 2 * (104 * 168 + 52 * 84 + 26 * 42 + 13 * 21) * 256 * 2
+    assert "B per image" in res.stdout and "FitNet would need" in res.stdout
+
+
+def test_killed_dump_resumes_to_the_same_manifest(dumped, tmp_path):
+    cwd, one, store_dir, _ = dumped
+    args = ["--stage", "dump", "--dump-shard-images", "3", "--output-dir", str(tmp_path / "store")] + one
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, TRAIN] + args, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = tmp_path / "store.partial" / "shard_00000.json"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert first.exists() and not (tmp_path / "store").exists(), "the dump was not interrupted halfway"
+    (tmp_path / "store.partial" / "shard_00001.bin.tmp").write_bytes(b"torn")  # what a kill mid-write leaves
+    res = run(args, cwd)
+    assert res.returncode == 0 and "resuming" in res.stdout, res.stderr[-3000:]
+    with open(tmp_path / "store" / "manifest.json") as f, open(store_dir / "manifest.json") as g:
+        assert json.load(f) == json.load(g)
+    for k in range(3):
+        name = f"shard_{k:05d}.bin"
+        assert (tmp_path / "store" / name).read_bytes() == (store_dir / name).read_bytes()
+
+
+def test_offline_distill_trains_without_a_teacher(dumped):
+    cwd, one, store_dir, _ = dumped
+    # the teacher's weights are gone: an offline run must not need them
+    weights = cwd / "runs" / "train_fcos_r18" / "model.pth"
+    hidden = weights.with_suffix(".hidden")
+    os.replace(weights, hidden)
+    try:
+        res = run(["--stage", "distill", "--student", "retinanet_r18", "--offline", str(store_dir)] + one, cwd)
+    finally:
+        os.replace(hidden, weights)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "the teacher is not built" in res.stdout and "loss_kd_ct" in res.stdout
+    assert (cwd / "runs" / "distill_retinanet_r18_offline" / "student.pth").exists()
+
+
+def test_offline_bad_input_is_one_clear_line(dumped, tmp_path):
+    cwd, one, store_dir, _ = dumped
+    distill = ["--stage", "distill", "--student", "retinanet_r18"] + one
+
+    def copy_store(name):
+        dst = tmp_path / name
+        shutil.copytree(store_dir, dst)
+        return dst
+
+    def offline(store, *extra):
+        return run(distill + ["--offline", str(store), "--output-dir", str(tmp_path / ("out_" + store.name))]
+                   + list(extra), cwd)
+
+    ake = cwd / "runs" / "pretrain_fcos_r18" / "ake.pth"
+    blob = torch.load(ake, map_location="cpu", weights_only=False)
+    blob["state_dict"]["ake_ct.level_embed"] += 1.0
+    other_ake = tmp_path / "other_ake.pth"
+    torch.save(blob, other_ake)
+    assert_user_error(offline(store_dir, "--ake", str(other_ake)), "another AKE")
+    assert_user_error(offline(store_dir, "--teacher", "retinanet_r50"), "teacher fcos_r18", "retinanet_r50")
+    missing = copy_store("missing")
+    index = json.loads((missing / "index.json").read_text())
+    gone = sorted(index)[0]
+    del index[gone]
+    (missing / "index.json").write_text(json.dumps(index))
+    assert_user_error(offline(missing), f"image id {gone}", "not in the store")
+    truncated = copy_store("truncated")
+    shard = truncated / "shard_00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert_user_error(offline(truncated), "shard_00001.bin", "truncated")
+    corrupt = copy_store("corrupt")
+    for shard in corrupt.glob("shard_*.bin"):
+        data = bytearray(shard.read_bytes())
+        record = len(data) // json.loads((corrupt / (shard.stem + ".json")).read_text())["entries"].__len__()
+        for start in range(0, len(data), record):
+            data[start + 10] ^= 0xFF                               # one byte of every record's z
+        shard.write_bytes(bytes(data))
+    assert_user_error(offline(corrupt), "corrupt", "CRC")
+    other_n = copy_store("other_n")
+    manifest = json.loads((other_n / "manifest.json").read_text())
+    manifest["num_queries"] = 30
+    (other_n / "manifest.json").write_text(json.dumps(manifest))
+    assert_user_error(offline(other_n), "N=30", "N=20")
+    assert_user_error(offline(tmp_path / "nowhere"), "not a knowledge store")
+    # nothing was written by any of these runs
+    assert not any(p.name.startswith("out_") and any(p.rglob("*.pth")) for p in tmp_path.iterdir())

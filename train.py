@@ -4,21 +4,27 @@
     python train.py --stage pretrain --teacher retinanet_r50        # stage 1: AKEs absorb the teacher (Eq. 6)
     python train.py --stage distill  --student fcos_r18             # stage 2: student mimics the AKEs' knowledge (Eq. 7)
     python train.py --stage distill  --student fcos_r18 --method fitnet|none
+    python train.py --stage dump     --ake runs/pretrain_retinanet_r50/ake.pth   # offline KD: store the teacher's
+    python train.py --stage distill  --student fcos_r18 --offline runs/dump_retinanet_r50  # knowledge once (sec. 3.3)
 
 Multi-GPU: `torchrun --nproc_per_node=8 train.py ...` (NCCL on GPUs, gloo on CPU). Without --data-path every
 stage uses the embedded synthetic dataset (data/shapes/, generated on first use).
 """
 import argparse
 import glob
+import hashlib
 import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
+import zlib
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -31,6 +37,10 @@ from eval import UserError
 
 AKE_FILE_KIND = "unikd_ake"
 CHECKPOINT_KIND = "unikd_checkpoint"
+STORE_KIND = "unikd_knowledge_store"
+STORE_VERSION = 1
+DUMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+COCO_TRAIN_IMAGES, COCO_SIZE = 118287, (800, 1333)  # train2017 at the paper's resize, for storage projections
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -38,13 +48,14 @@ CHECKPOINT_KIND = "unikd_checkpoint"
 
 def get_args_parser():
     p = evaluation.ArgumentParser(description="UniKD: train detectors, pretrain AKEs, distil students", add_help=True)
-    p.add_argument("--stage", default="train", choices=["train", "pretrain", "distill"])
+    p.add_argument("--stage", default="train", choices=["train", "pretrain", "dump", "distill"])
     # models
     p.add_argument("--model", default="retinanet_r50", help="--stage train: detector to train")
     p.add_argument("--teacher", default=None, help="--stage pretrain: teacher detector name")
     p.add_argument("--teacher-weights", default=None, help="teacher weights: a path or DEFAULT (torchvision COCO)")
     p.add_argument("--student", default="fcos_r18", help="--stage distill: student detector name")
-    p.add_argument("--ake", default=None, help="--stage distill: ake.pth (default: newest runs/pretrain_*/ake.pth)")
+    p.add_argument("--ake", default=None, help="--stage dump/distill: ake.pth (default: newest runs/pretrain_*/ake.pth; "
+                   "with --offline, the AKE the store was dumped with)")
     p.add_argument("--method", default="unikd", choices=["unikd", "fitnet", "none"], help="distillation method")
     p.add_argument("--weights", default=None, help="initial weights of the trained detector (path or DEFAULT)")
     p.add_argument("--weights-backbone", default=None, help="ImageNet backbone weights, e.g. DEFAULT")
@@ -77,6 +88,16 @@ def get_args_parser():
     p.add_argument("--lambda-ct", default=10.0, type=float, help="lambda_1 of Eq. (7)")
     p.add_argument("--lambda-pos", default=10.0, type=float, help="lambda_2 of Eq. (7)")
     p.add_argument("--fitnet-weight", default=1.0, type=float, help="weight of the FitNet feature loss")
+    # offline KD (paper sec. 3.3)
+    p.add_argument("--offline", default=None, metavar="STORE",
+                   help="--stage distill: read the teacher's knowledge from a --stage dump store; no teacher is run")
+    p.add_argument("--dump-dtype", default="fp16", choices=sorted(DUMP_DTYPES),
+                   help="--stage dump: dtype of the stored embeddings (boxes and reference points stay fp32)")
+    p.add_argument("--dump-flips", default=2, type=int, choices=[1, 2],
+                   help="--stage dump: 2 stores both horizontal-flip states of every image (the student trains with "
+                        "random flips), 1 only the unflipped one (the student then trains without flips)")
+    p.add_argument("--dump-shard-images", default=256, type=int,
+                   help="--stage dump: images per shard file (a killed dump resumes at the first unfinished shard)")
     p.add_argument("--kd-cost", default=0, type=int, metavar="STEPS",
                    help="--stage distill: instead of training, time STEPS online KD steps against teacher forward + "
                         "student step (no KD) on the same batches, print the medians and their ratio")
@@ -536,13 +557,18 @@ class Distiller(torch.nn.Module):
             ake.freeze()  # AKE frozen: eval mode, no grads (sec. 3.2.3)
 
     def forward(self, images, targets, teacher_features=None, generator=None, lambdas=(10.0, 10.0),
-                fitnet_weight=1.0):
+                fitnet_weight=1.0, store=None):
+        """Detection losses + the KD loss; the teacher side comes from teacher_features (online) or from a
+        KnowledgeStore (offline: the entries of these images and flips, rescaled to the student's batch)."""
         out = detectors.forward_with_features(self.student, images, targets)
         losses = dict(out.result)
         if self.method == "none":
             return losses
         student_feats = self.adapter(out.features)
-        if self.method == "unikd":
+        if store is not None:
+            knowledge = store.knowledge(targets, out.batch_size_hw, student_feats[0].device)
+            losses.update(self.ake.student_loss(knowledge, student_feats, *lambdas))
+        elif self.method == "unikd":
             losses.update(self.ake(teacher_features, normalized_targets(out), student_features=student_feats,
                                    generator=generator, mode="distill", lambda_ct=lambdas[0], lambda_pos=lambdas[1]))
         else:
@@ -554,17 +580,33 @@ class Distiller(torch.nn.Module):
 def stage_distill(args, device):
     student_name = model_name(args.student, "--student")
     set_schedule_defaults(args, family_of(student_name), epochs=12)
-    ake_path = args.ake or newest_ake()
-    suffix = "" if args.method == "unikd" else f"_{args.method}"
+    store = None
+    if args.offline:
+        if args.method != "unikd":
+            raise UserError(f"--offline serves UniKD's stored knowledge; --method {args.method} needs the teacher "
+                            f"online (drop --offline)")
+        store = KnowledgeStore(args.offline)
+    ake_path = args.ake or (store.manifest["ake"] if store else newest_ake())
+    suffix = ("" if args.method == "unikd" else f"_{args.method}") + ("_offline" if store else "")
     resume = None if args.kd_cost else prepare_output_dir(args, f"distill_{student_name}{suffix}")
-    log(args, f"AKE: {ake_path}" + ("" if args.ake else " (newest runs/pretrain_*/ake.pth; pass --ake to choose)"))
+    log(args, f"AKE: {ake_path}" + ("" if args.ake else " (the store's)" if store else
+                                    " (newest runs/pretrain_*/ake.pth; pass --ake to choose)"))
     train_ds, train_loader, val_loader = build_data(args, with_masks=family_of(student_name) == "mask_rcnn")
-    blob = load_ake(ake_path, train_ds.num_classes, teacher=args.teacher)
+    blob = load_ake(ake_path, train_ds.num_classes, teacher=None if store else args.teacher)  # store: checked below
     if (blob["min_size"], blob["max_size"]) != (args.min_size, args.max_size):
         log(args, f"note: AKE pretrained at min/max size {blob['min_size']}/{blob['max_size']}, "
                   f"distilling at {args.min_size}/{args.max_size}")
+    if store is not None:
+        if store.manifest["flips"] == [0]:
+            train_ds.flip_p = 0.0
+            log(args, f"{args.offline} holds unflipped images only: the student trains without flips")
+        store.check(blob, file_sha256(ake_path), args.teacher, train_ds.ids, store.manifest["flips"])
+        log(args, f"offline: {store.manifest['num_images']} images x {len(store.manifest['flips'])} flip states "
+                  f"from {args.offline} ({store.manifest['dtype']}); the teacher is not built")
     teacher = None
-    if args.method != "none":  # the no-KD baseline trains on the identical schedule without running the teacher
+    if args.method != "none" and (store is None or args.kd_cost):
+        # the no-KD baseline trains on the identical schedule without running the teacher; offline needs none
+        # (--kd-cost builds it to time the online step beside the offline one)
         teacher = build_frozen_teacher(blob["teacher"], train_ds.num_classes, blob["teacher_weights"], args, device)
     ake = None
     if args.method == "unikd":
@@ -581,15 +623,16 @@ def stage_distill(args, device):
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(args.seed + 1000 * args.rank)
 
-    def loss_fn(images, targets):
+    def loss_fn(images, targets, offline=store is not None):
         feats = None
-        if teacher is not None:
+        if teacher is not None and not offline:
             with torch.no_grad():
                 feats = detectors.forward_features(teacher, images, targets).features
-        return ddp_model(images, targets, feats, generator, (args.lambda_ct, args.lambda_pos), args.fitnet_weight)
+        return ddp_model(images, targets, feats, generator, (args.lambda_ct, args.lambda_pos), args.fitnet_weight,
+                         store if offline else None)
 
     if args.kd_cost:
-        return benchmark_kd_cost(args, device, loss_fn, teacher, student, params, train_loader)
+        return benchmark_kd_cost(args, device, loss_fn, teacher, student, params, train_loader, store is not None)
 
     def save(epoch, metrics):
         atomic_save(student.state_dict(), os.path.join(args.output_dir, "student.pth"))
@@ -601,46 +644,367 @@ def stage_distill(args, device):
                lambda: evaluation.evaluate(student, val_loader, device), save, resume)
 
 
-def benchmark_kd_cost(args, device, kd_loss_fn, teacher, student, params, train_loader):
-    """Median step time of online distillation vs the same step without KD (teacher forward + student train step),
-    alternating the two on the same batches after 2 warm-up steps each; prints both and their ratio."""
+# ----------------------------------------------------------------------------------------------------------------------
+# offline KD (paper sec. 3.3): --stage dump stores the teacher side of Eq. (7) once; --offline reads it back
+#
+# A store is a folder: shard_<rank>_<k>.bin files of fixed-size records (one per image and flip state, a numpy
+# structured dtype, so a shard is memory-mapped as an array of records), shard_<rank>_<k>.json (its image ids, flips
+# and record CRCs; written after the .bin, so it marks the shard complete), index.json (image id -> flip -> shard,
+# slot, CRC) and manifest.json. The dump writes into <store>.partial/ and renames it when complete; a killed dump
+# resumes at its first unfinished shard, whose batches and random boxes are the same as in an uninterrupted run.
+
+EMBEDDING_FIELDS = ("queries_ct", "queries_pos", "z_ct", "z_pos")
+
+
+def record_layout(num_queries, d_model, dtype_name):
+    """numpy dtype of one stored entry: the Knowledge of one (image, flip) plus the batched tensor size it refers to
+    (canvas). Embeddings in the dump dtype (bf16 as its raw 16 bits: numpy has no bf16), boxes/points in fp32."""
+    N, C = num_queries, d_model
+    emb = {"fp16": "<f2", "bf16": "<u2", "fp32": "<f4"}[dtype_name]
+    return np.dtype([(name, emb, (N, C)) for name in EMBEDDING_FIELDS] +
+                    [("reference_ct", "<f4", (N, 2)), ("boxes", "<f4", (N, 4)), ("image_id", "<i8"),
+                     ("canvas", "<i4", (2,)), ("pos_mask_ct", "u1", (N,)), ("pos_mask_pos", "u1", (N,)),
+                     ("flip", "u1")])  # packed: no padding bytes, whose content numpy leaves undefined
+
+
+def knowledge_to_records(knowledge, image_ids, flip, canvas_hw, layout, dtype_name):
+    """Knowledge of a batch (unikd.Knowledge, [B, ...]) -> numpy records [B] of `layout`."""
+    records = np.zeros(len(image_ids), layout)
+    for name in EMBEDDING_FIELDS:
+        value = getattr(knowledge, name).detach().to("cpu", DUMP_DTYPES[dtype_name])
+        records[name] = (value.view(torch.uint16) if dtype_name == "bf16" else value).numpy()
+    records["reference_ct"] = knowledge.reference_ct.detach().float().cpu().numpy()
+    records["boxes"] = knowledge.boxes.detach().float().cpu().numpy()
+    records["pos_mask_ct"] = knowledge.pos_mask_ct.cpu().numpy()
+    records["pos_mask_pos"] = knowledge.pos_mask_pos.cpu().numpy()
+    records["image_id"], records["flip"], records["canvas"] = image_ids, int(flip), canvas_hw
+    return records
+
+
+def records_to_knowledge(records, dtype_name, canvas_hw, device):
+    """numpy records [B] -> (unikd.Knowledge on device, embeddings in fp32). Points and boxes are rescaled from the
+    batched tensor the teacher saw (each record's canvas) to the student's (canvas_hw), so a normalised coordinate
+    names the same pixel in both (DESIGN.md); the embeddings are exact only where the two canvases are equal."""
+    def field(name):  # a fresh C-ordered copy: fields of packed records have strides torch cannot take
+        return torch.from_numpy(records[name].copy(order="C"))
+
+    def emb(name):
+        t = field(name)
+        return (t.view(torch.bfloat16) if dtype_name == "bf16" else t).to(device, torch.float32)
+    scale = field("canvas").float() / torch.tensor(canvas_hw, dtype=torch.float32)
+    sx, sy = scale[:, 1, None, None], scale[:, 0, None, None]                         # [B, 1, 1]
+    reference = field("reference_ct") * torch.cat([sx, sy], -1)
+    boxes = field("boxes") * torch.cat([sx, sy, sx, sy], -1)
+    return unikd.Knowledge(emb("queries_ct"), reference.to(device), emb("queries_pos"), boxes.to(device),
+                           emb("z_ct"), emb("z_pos"), field("pos_mask_ct").to(device, torch.bool),
+                           field("pos_mask_pos").to(device, torch.bool))
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_id(weights):
+    """What identifies teacher weights in a manifest: the file's sha256, or the torchvision weights name."""
+    return file_sha256(weights) if os.path.isfile(str(weights)) else str(weights)
+
+
+class KnowledgeStore:
+    """Reader of a --stage dump store: manifest and index in memory, shards memory-mapped on first use, every record
+    checked against its CRC. Problems are one-line UserErrors naming the store and the fix."""
+
+    def __init__(self, path):
+        self.path = path
+        manifest = os.path.join(path, "manifest.json")
+        if not os.path.isfile(manifest):
+            hint = (" (an unfinished dump: rerun the same --stage dump to complete it)"
+                    if os.path.isdir(path + ".partial") or path.endswith(".partial") else "")
+            raise UserError(f"--offline {path}: not a knowledge store (no manifest.json){hint}; pass the folder "
+                            f"written by --stage dump")
+        try:
+            with open(manifest) as f:
+                self.manifest = json.load(f)
+            with open(os.path.join(path, "index.json")) as f:
+                self.index = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--offline {path}: unreadable manifest/index ({type(e).__name__}); dump it again")
+        m = self.manifest
+        if m.get("kind") != STORE_KIND or m.get("version") != STORE_VERSION:
+            raise UserError(f"--offline {path}: not a version-{STORE_VERSION} knowledge store; dump it again")
+        self.dtype = m["dtype"]
+        self.layout = record_layout(m["num_queries"], m["d_model"], self.dtype)
+        self.shards = {}
+
+    def check(self, ake_blob, ake_sha256, teacher, image_ids, flips):
+        """Refuses, before any training, a store that does not belong to this AKE, teacher and dataset, or whose
+        shards are truncated."""
+        m, cfg = self.manifest, ake_blob["config"]
+        if (m["num_queries"], m["d_model"]) != (cfg["num_queries"], cfg["d_model"]):
+            raise UserError(f"--offline {self.path}: stored N={m['num_queries']}, C={m['d_model']}, but the AKE has "
+                            f"N={cfg['num_queries']}, C={cfg['d_model']}; dump the store with this AKE")
+        if m["ake_sha256"] != ake_sha256:
+            raise UserError(f"--offline {self.path} was dumped with another AKE ({m['ake']}) than the one given; "
+                            f"pass that --ake or dump the store with yours")
+        if teacher is not None and model_name(teacher, "--teacher") != m["teacher"]:
+            raise UserError(f"--offline {self.path} holds the knowledge of teacher {m['teacher']}, not {teacher}; "
+                            f"pass the matching --teacher or dump a store of {teacher}")
+        for shard in m["shards"]:
+            file = os.path.join(self.path, shard["file"])
+            size = os.path.getsize(file) if os.path.isfile(file) else -1
+            if size != shard["records"] * self.layout.itemsize:
+                raise UserError(f"--offline {self.path}: shard {shard['file']} is truncated or missing ({size} bytes, "
+                                f"expected {shard['records'] * self.layout.itemsize}); dump the store again")
+        missing = [(i, f) for i in image_ids for f in flips if str(f) not in self.index.get(str(i), {})]
+        if missing:
+            raise UserError(f"--offline {self.path}: image id {missing[0][0]} (flip {missing[0][1]}) and "
+                            f"{len(missing) - 1} more entries are not in the store; dump this dataset first")
+
+    def records(self, image_ids, flips):
+        out = np.empty(len(image_ids), self.layout)
+        for row, (image_id, flip) in enumerate(zip(image_ids, flips)):
+            entry = self.index.get(str(image_id), {}).get(str(int(flip)))
+            if entry is None:
+                raise UserError(f"--offline {self.path}: image id {image_id} (flip {int(flip)}) is not in the store; "
+                                f"dump this dataset first")
+            shard, slot, crc = entry
+            record = self.shard(shard)[slot]
+            if zlib.crc32(record.tobytes()) != crc:
+                raise UserError(f"--offline {self.path}: shard {self.manifest['shards'][shard]['file']} is corrupt "
+                                f"(record of image {image_id} fails its CRC); dump the store again")
+            out[row] = record
+        return out
+
+    def shard(self, k):
+        if k not in self.shards:
+            self.shards[k] = np.memmap(os.path.join(self.path, self.manifest["shards"][k]["file"]), dtype=self.layout,
+                                       mode="r")
+        return self.shards[k]
+
+    def knowledge(self, targets, canvas_hw, device):
+        """The stored Knowledge of a batch, picked by each target's image_id and flip state."""
+        records = self.records([t["image_id"] for t in targets], [t.get("flipped", False) for t in targets])
+        return records_to_knowledge(records, self.dtype, canvas_hw, device)
+
+
+class FixedFlip(torch.utils.data.Dataset):
+    """A training set's images with the flip fixed (the dump visits every image in each stored flip state)."""
+
+    def __init__(self, dataset, indices, flip):
+        self.dataset, self.indices, self.flip = dataset, indices, flip
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset.load(self.indices[i], self.flip)
+
+
+def fitnet_bytes(features, targets, element_bytes):
+    """What FitNet would store for these images: the teacher's 4 levels, whole and at foreground cells only."""
+    full = sum(f[0].numel() for f in features) * element_bytes
+    fg = [sum(int(unikd.foreground_mask([t], f.shape[-2], f.shape[-1], f.device).sum()) * f.shape[1]
+              for f in features) * element_bytes for t in targets]
+    return full, fg
+
+
+def coco_fitnet_bytes(d_model, element_bytes, fg_fraction):
+    """FitNet's per-image bytes projected to COCO at 800x1333 (padded to 64 as detectors.py does)."""
+    h, w = (math.ceil(s / 64) * 64 for s in COCO_SIZE)
+    cells = sum(math.ceil(h / s) * math.ceil(w / s) for s in (8, 16, 32, 64))
+    return cells * d_model * element_bytes, cells * d_model * element_bytes * fg_fraction
+
+
+def dump_params(args, blob, ake_path, ids, flips):
+    """What makes two dumps the same dump (a resumed one must match it)."""
+    return {"teacher": blob["teacher"], "teacher_weights": str(blob["teacher_weights"]),
+            "teacher_weights_id": weights_id(blob["teacher_weights"]), "ake": os.path.abspath(ake_path),
+            "ake_sha256": file_sha256(ake_path), "num_queries": blob["config"]["num_queries"],
+            "d_model": blob["config"]["d_model"], "dtype": args.dump_dtype, "flips": flips,
+            "shard_images": args.dump_shard_images, "batch_size": args.batch_size, "seed": args.seed,
+            "min_size": args.min_size, "max_size": args.max_size,
+            "image_ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}
+
+
+def stage_dump(args, device):
+    ake_path = args.ake or newest_ake()
+    train_ds, _, _ = build_data(args, with_masks=False)
+    blob = load_ake(ake_path, train_ds.num_classes, teacher=args.teacher)
+    flips = [0, 1][:args.dump_flips]
+    ids = [int(i) for i in train_ds.ids]
+    store = args.output_dir or os.path.join("runs", f"dump_{blob['teacher']}")
+    partial = store + ".partial"
+    if os.path.exists(store):
+        raise UserError(f"{store} exists" + (" (a finished store)" if os.path.isfile(os.path.join(store, "manifest.json"))
+                                             else "") + "; pass --output-dir to dump another one")
+    params = dump_params(args, blob, ake_path, ids, flips)
+    params_file = os.path.join(partial, "params.json")
+    if os.path.isfile(params_file):
+        with open(params_file) as f:
+            if json.load(f) != params:
+                raise UserError(f"{partial} is an unfinished dump with other settings (AKE, teacher, dtype, flips, "
+                                f"shards, batch, seed, sizes or images); delete it or pass another --output-dir")
+        log(args, f"resuming the unfinished dump in {partial}")
+    elif is_main(args):
+        os.makedirs(partial, exist_ok=True)
+        with open(params_file, "w") as f:
+            json.dump(params, f, indent=1)
+    if args.distributed:
+        dist.barrier()
+
+    teacher = build_frozen_teacher(blob["teacher"], train_ds.num_classes, blob["teacher_weights"], args, device)
+    ake = unikd.UniKD(**blob["config"])
+    ake.load_state_dict(blob["state_dict"])
+    ake.to(device).freeze()
+    layout = record_layout(blob["config"]["num_queries"], blob["config"]["d_model"], args.dump_dtype)
+    element_bytes = DUMP_DTYPES[args.dump_dtype].itemsize
+    shards = [list(range(k, min(k + args.dump_shard_images, len(ids))))
+              for k in range(0, len(ids), args.dump_shard_images)]
+    mine = [k for k in range(len(shards)) if k % args.world_size == args.rank]
+    log(args, f"dump {len(ids)} images x {len(flips)} flip states of teacher {blob['teacher']} with {ake_path} into "
+              f"{store}: {len(shards)} shards of {layout.itemsize} B records ({args.dump_dtype})")
+    t0, done = time.time(), 0
+    for k in mine:
+        name = f"shard_{k:05d}"
+        if os.path.isfile(os.path.join(partial, name + ".json")):
+            continue
+        records, fitnet_full, fitnet_fg = [], [], []
+        for flip in flips:
+            loader = torch.utils.data.DataLoader(FixedFlip(train_ds, shards[k], bool(flip)), batch_size=args.batch_size,
+                                                 num_workers=args.workers, collate_fn=evaluation.collate_fn)
+            for b, (images, targets) in enumerate(loader):
+                images, targets = to_device(images, targets, device)
+                # the random boxes B^ of each batch come from its own seed: a resumed dump draws the same ones
+                generator = torch.Generator().manual_seed(args.seed * 1_000_003 + (k * 2 + flip) * 10_007 + b)
+                with torch.no_grad(), autocast(args, device):
+                    out = detectors.forward_features(teacher, images, targets)
+                    ake_targets = normalized_targets(out)
+                    knowledge = ake.teacher_knowledge(out.features, ake_targets, generator)
+                records.append(knowledge_to_records(knowledge, [t["image_id"] for t in targets], flip,
+                                                    out.batch_size_hw, layout, args.dump_dtype))
+                full, fg = fitnet_bytes(out.features, ake_targets, element_bytes)
+                fitnet_full += [full] * len(images)
+                fitnet_fg += fg
+        records = np.concatenate(records)
+        records.tofile(os.path.join(partial, name + ".bin.tmp"))
+        os.replace(os.path.join(partial, name + ".bin.tmp"), os.path.join(partial, name + ".bin"))
+        entries = [[int(r["image_id"]), int(r["flip"]), zlib.crc32(r.tobytes())] for r in records]
+        with open(os.path.join(partial, name + ".json.tmp"), "w") as f:
+            json.dump({"entries": entries, "fitnet_full_bytes": sum(fitnet_full),
+                       "fitnet_fg_bytes": sum(fitnet_fg), "entries_measured": len(fitnet_full)}, f)
+        os.replace(os.path.join(partial, name + ".json.tmp"), os.path.join(partial, name + ".json"))
+        done += len(records)
+        log(args, f"shard {k + 1}/{len(shards)}: {len(records)} records, "
+                  f"{done / max(1e-9, time.time() - t0):.1f} records/s")
+    if args.distributed:
+        dist.barrier()
+    if is_main(args):
+        manifest = write_store_index(partial, params, shards, layout, element_bytes)
+        os.replace(partial, store)
+        s = manifest["storage"]
+        log(args, f"store {store}: {s['bytes_per_image']} B per image ({len(flips)} flip states); FitNet would need "
+                  f"{s['fitnet_full_bytes_per_image']:.0f} B (full levels) / {s['fitnet_fg_bytes_per_image']:.0f} B "
+                  f"(foreground) per image here, x{s['ratio_full']:.1f} / x{s['ratio_fg']:.1f}; at COCO train2017 "
+                  f"({COCO_TRAIN_IMAGES} images, 800x1333): UniKD {s['coco_unikd_bytes'] / 1e9:.1f} GB, FitNet "
+                  f"{s['coco_fitnet_full_bytes'] / 1e12:.2f} TB full (x{s['coco_ratio_full']:.1f}), "
+                  f"{s['coco_fitnet_fg_bytes'] / 1e12:.2f} TB foreground")
+    return store
+
+
+def write_store_index(partial, params, shards, layout, element_bytes):
+    """Merges the shards' own JSON into index.json and writes manifest.json (deterministic: no clocks)."""
+    index, shard_list, full, fg, measured = {}, [], 0, 0, 0
+    for k in range(len(shards)):
+        with open(os.path.join(partial, f"shard_{k:05d}.json")) as f:
+            part = json.load(f)
+        for slot, (image_id, flip, crc) in enumerate(part["entries"]):
+            index.setdefault(str(image_id), {})[str(flip)] = [k, slot, crc]
+        shard_list.append({"file": f"shard_{k:05d}.bin", "records": len(part["entries"])})
+        full, fg, measured = full + part["fitnet_full_bytes"], fg + part["fitnet_fg_bytes"], \
+            measured + part["entries_measured"]
+    flips = len(params["flips"])
+    per_image = layout.itemsize * flips
+    full_pi, fg_pi = full / measured * flips, fg / measured * flips
+    coco_full, coco_fg = coco_fitnet_bytes(params["d_model"], element_bytes, fg / max(full, 1))
+    storage = {"record_bytes": layout.itemsize, "bytes_per_image": per_image,
+               "fitnet_full_bytes_per_image": full_pi, "fitnet_fg_bytes_per_image": fg_pi,
+               "ratio_full": full_pi / per_image, "ratio_fg": fg_pi / per_image,
+               "coco_unikd_bytes": per_image * COCO_TRAIN_IMAGES,
+               "coco_fitnet_full_bytes": coco_full * flips * COCO_TRAIN_IMAGES,
+               "coco_fitnet_fg_bytes": coco_fg * flips * COCO_TRAIN_IMAGES,
+               "coco_ratio_full": coco_full / layout.itemsize, "coco_fg_fraction_assumed": fg / max(full, 1)}
+    manifest = dict(params, kind=STORE_KIND, version=STORE_VERSION, num_images=len(index),
+                    image_ids=sorted(int(i) for i in index), layout=[[n, str(layout[n])] for n in layout.names],
+                    shards=shard_list, storage=storage)
+    with open(os.path.join(partial, "index.json"), "w") as f:
+        json.dump(index, f)
+    with open(os.path.join(partial, "manifest.json.tmp"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(os.path.join(partial, "manifest.json.tmp"), os.path.join(partial, "manifest.json"))
+    return manifest
+
+
+def benchmark_kd_cost(args, device, kd_loss_fn, teacher, student, params, train_loader, offline=False):
+    """Median step times, alternating on the same batches after 2 warm-up steps each: online distillation vs the
+    same step without KD (teacher forward + student train step); with offline, also the offline step (stored
+    knowledge, no teacher) and the teacher forward alone, to project offline/online for a costlier teacher."""
     if teacher is None:
         raise UserError("--kd-cost times the KD overhead; it needs --method unikd or fitnet")
     optimizer = sgd(params, args)
 
-    def plain_loss_fn(images, targets):
+    def teacher_forward(images, targets):
         with torch.no_grad():
             detectors.forward_features(teacher, images, targets)
+        return {}
+
+    def plain_loss_fn(images, targets):
+        teacher_forward(images, targets)
         return student(images, targets)
 
     def step_seconds(loss_fn, images, targets):
         t0 = time.perf_counter()
         with autocast(args, device):
-            loss = sum(loss_fn(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+            losses = loss_fn(images, targets)
+        if losses:
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    times = {"plain": [], "kd": []}
+    fns = {"plain": plain_loss_fn, "online": lambda im, tg: kd_loss_fn(im, tg, offline=False)}
+    if offline:
+        fns.update(offline=lambda im, tg: kd_loss_fn(im, tg, offline=True), teacher=teacher_forward)
+    times = {k: [] for k in fns}
     for i, batch in enumerate(itertools.islice(itertools.cycle(train_loader), args.kd_cost + 2)):
         images, targets = to_device(*batch, device)
-        plain, kd = step_seconds(plain_loss_fn, images, targets), step_seconds(kd_loss_fn, images, targets)
-        if i >= 2:
-            times["plain"].append(plain)
-            times["kd"].append(kd)
-    plain, kd = statistics.median(times["plain"]), statistics.median(times["kd"])
+        for k, fn in fns.items():
+            t = step_seconds(fn, images, targets)
+            if i >= 2:
+                times[k].append(t)
+    t = {k: statistics.median(v) for k, v in times.items()}
     log(args, f"kd cost over {args.kd_cost} steps of batch {args.batch_size} at {args.min_size}/{args.max_size}: "
-              f"teacher forward + student step {plain * 1e3:.0f} ms, online {args.method} step {kd * 1e3:.0f} ms "
-              f"(median), ratio {kd / plain:.3f}")
-    return {"plain_s": plain, "kd_s": kd, "ratio": kd / plain}
+              f"teacher forward + student step {t['plain'] * 1e3:.0f} ms, online {args.method} step "
+              f"{t['online'] * 1e3:.0f} ms (median), ratio {t['online'] / t['plain']:.3f}")
+    result = {"plain_s": t["plain"], "kd_s": t["online"], "ratio": t["online"] / t["plain"]}
+    if offline:
+        # a teacher 10x costlier than this one adds 9 more teacher forwards to the online step only
+        projected = t["offline"] / (t["online"] + 9 * t["teacher"])
+        log(args, f"offline step {t['offline'] * 1e3:.0f} ms vs online {t['online'] * 1e3:.0f} ms: ratio "
+                  f"{t['offline'] / t['online']:.3f}; teacher forward {t['teacher'] * 1e3:.0f} ms; projected ratio for "
+                  f"a teacher 10x costlier: {projected:.3f}")
+        result.update(offline_s=t["offline"], teacher_s=t["teacher"], offline_ratio=t["offline"] / t["online"],
+                      offline_ratio_10x_teacher=projected)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-STAGES = {"train": stage_train, "pretrain": stage_pretrain, "distill": stage_distill}
+STAGES = {"train": stage_train, "pretrain": stage_pretrain, "dump": stage_dump, "distill": stage_distill}
 
 
 def main(argv=None):
