@@ -1770,6 +1770,15 @@ def test_killed_dump_resumes_to_the_same_manifest(dumped, tmp_path):
         assert (tmp_path / "store" / name).read_bytes() == (store_dir / name).read_bytes()
 
 
+def test_torchrun_dump_writes_each_ranks_shards_into_the_same_store(dumped, tmp_path):
+    cwd, one, store_dir, _ = dumped
+    res = run(["--stage", "dump", "--dump-shard-images", "3", "--output-dir", str(tmp_path / "store")] + one, cwd,
+              torchrun=2)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with open(tmp_path / "store" / "manifest.json") as f, open(store_dir / "manifest.json") as g:
+        assert json.load(f) == json.load(g)
+
+
 def test_offline_distill_trains_without_a_teacher(dumped):
     cwd, one, store_dir, _ = dumped
     # the teacher's weights are gone: an offline run must not need them
