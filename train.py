@@ -647,10 +647,10 @@ def stage_distill(args, device):
 # ----------------------------------------------------------------------------------------------------------------------
 # offline KD (paper sec. 3.3): --stage dump stores the teacher side of Eq. (7) once; --offline reads it back
 #
-# A store is a folder: shard_<rank>_<k>.bin files of fixed-size records (one per image and flip state, a numpy
-# structured dtype, so a shard is memory-mapped as an array of records), shard_<rank>_<k>.json (its image ids, flips
-# and record CRCs; written after the .bin, so it marks the shard complete), index.json (image id -> flip -> shard,
-# slot, CRC) and manifest.json. The dump writes into <store>.partial/ and renames it when complete; a killed dump
+# A store is a folder: shard_<k>.bin files of fixed-size records (one per image and flip state, a numpy structured
+# dtype, so a shard is memory-mapped as an array of records; under torchrun rank r writes the shards k = r mod world),
+# shard_<k>.json (its image ids, flips and record CRCs; written after the .bin, so it marks the shard complete),
+# index.json (image id -> flip -> shard, slot, CRC) and manifest.json. The dump writes into <store>.partial/ and renames it when complete; a killed dump
 # resumes at its first unfinished shard, whose batches and random boxes are the same as in an uninterrupted run.
 
 EMBEDDING_FIELDS = ("queries_ct", "queries_pos", "z_ct", "z_pos")
