@@ -366,3 +366,14 @@ def levels_by_stride(features: dict, batch_size_hw, strides=AKE_STRIDES) -> list
 
 def _unwrap(model):
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def normalized_targets(fpn_out):
+    """Transformed targets -> AKE targets: contiguous labels 0..K-1, boxes cxcywh / batched tensor size."""
+    h, w = fpn_out.batch_size_hw
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    out = []
+    for t in fpn_out.targets:
+        boxes = torchvision.ops.box_convert(t["boxes"].float(), "xyxy", "cxcywh") / scale.to(t["boxes"].device)
+        out.append({"labels": t["labels"] - 1, "boxes": boxes.clamp(0, 1)})
+    return out

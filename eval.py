@@ -2,6 +2,9 @@
 
     python eval.py --model fcos_r18 --ckpt runs/distill_fcos_r18/student.pth            # embedded data
     python eval.py --model retinanet_r50 --ckpt model.pth --data-path /data/coco --visualize 8 --out vis/
+    python eval.py --model retinanet_r50 --ckpt teacher.pth --sampling ake.pth --out vis/          # Fig. 4
+    python eval.py --model retinanet_r50 --ckpt teacher.pth --density fcos_r18=a.pth ... --out vis/  # Fig. 1
+    python eval.py --model fcos_r18 --ckpt none.pth --compare fcos_r18=unikd.pth --out vis/      # with vs without
 
 * `CocoDetection`: any COCO-format dataset (`--data-path DIR` with COCO's layout, or explicit `--train-images
   --train-ann --val-images --val-ann`); category ids map to contiguous labels 1..K (torchvision style, 0 is
@@ -716,6 +719,139 @@ def visualize(model, dataset, device, count: int, out_dir: str, score_thresh=0.3
     return paths
 
 
+# ------------------------------------------------------------------------------ the paper's pictures (Fig. 1, 4)
+
+RED, GREEN, LIME = (255, 40, 40), (40, 255, 40), "lime"
+
+
+def to_uint8(image):
+    return (image * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def blend(picture, heat, color):
+    """uint8 [3, h, w] blended toward `color` in proportion to heat [h, w], scaled to the 99th percentile of its
+    non-zero values (a few hot pixels would otherwise make the rest invisible)."""
+    hot = heat[heat > 0]
+    top = torch.quantile(hot, 0.99) if hot.numel() else heat.new_tensor(1.0)
+    alpha = (heat / top.clamp(min=1e-12)).clamp(0, 1)[None]
+    tint = torch.tensor(color, dtype=torch.float32)[:, None, None]
+    return (picture.float() * (1 - alpha) + tint * alpha).round().to(torch.uint8)
+
+
+def splat(points, weights, h, w):
+    """Attention mass at normalised (x, y) points (relative to an h x w canvas) -> [h, w] map, nearest pixel."""
+    x = (points[..., 0].flatten() * w).long().clamp(0, w - 1)
+    y = (points[..., 1].flatten() * h).long().clamp(0, h - 1)
+    return torch.zeros(h * w).index_add_(0, y * w + x, weights.flatten().float().cpu()).view(h, w)
+
+
+def hstack(*pictures):
+    return torch.cat(pictures, dim=-1)
+
+
+def load_ake_model(path, teacher_name, num_classes):
+    """ake.pth written by train.py --stage pretrain -> frozen unikd.UniKD, checked against --model and the data."""
+    import unikd
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"--sampling {path}: not an AKE file ({type(e).__name__}); pass an ake.pth of --stage pretrain")
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise UserError(f"--sampling {path}: not an AKE file; pass an ake.pth written by --stage pretrain")
+    if blob.get("teacher") != teacher_name or blob.get("num_classes") != num_classes:
+        raise UserError(f"--sampling {path}: an AKE of {blob.get('teacher')} ({blob.get('num_classes', 1) - 1} classes),"
+                        f" not of --model {teacher_name} on this data; pass its teacher as --model/--ckpt")
+    ake = unikd.UniKD(**blob["config"])
+    ake.load_state_dict(blob["state_dict"])
+    return ake.freeze()
+
+
+@torch.no_grad()
+def sampling_pictures(teacher, ake, dataset, device, count, out_dir, seed=0):
+    """Fig. 4: where the AKE's knowledge extractor f_e looks on the teacher's levels -- the attention-weighted
+    sampling locations of its last layer, content queries in red (left), positional queries in green (right),
+    summed over heads, levels and points; ground-truth boxes in lime. One PNG [3, h, 2w] per image."""
+    from torchvision.io import write_png
+    from torchvision.utils import draw_bounding_boxes
+    import unikd
+    os.makedirs(out_dir, exist_ok=True)
+    teacher.eval().to(device)
+    ake.to(device)
+    paths = []
+    for index in range(min(count, len(dataset))):
+        image, target = dataset[index]
+        out = detectors.forward_features(teacher, [image.to(device)], targets_to([target], device))
+        k = ake.teacher_knowledge(out.features, detectors.normalized_targets(out),
+                                  torch.Generator().manual_seed(seed + index))
+        h_pad, w_pad = out.batch_size_hw
+        h, w = image.shape[-2:]
+        # a dimmed grey image, so that the red and green of the attention stand out of any texture
+        grey = to_uint8(0.4 * image.mean(0, keepdim=True).expand(3, -1, -1))
+        picture = draw_bounding_boxes(grey, target["boxes"], colors=LIME, width=1)
+        halves = []
+        for model, queries, color in ((ake.ake_ct, unikd.Queries(k.queries_ct, k.reference_ct), RED),
+                                      (ake.ake_pos, unikd.Queries(k.queries_pos, k.boxes), GREEN)):
+            _, samplings = model.extract(queries, out.features, return_sampling=True)
+            locations, weights = samplings[-1]                   # [1, N, H, L, P, 2], [1, N, H, L, P]
+            heat = splat(locations, weights, h_pad, w_pad)[:h, :w]
+            halves.append(blend(picture, heat, color))
+        path = os.path.join(out_dir, f"sampling_{target['image_id']:012d}.png")
+        write_png(hstack(*halves), path)
+        paths.append(path)
+    return paths
+
+
+@torch.no_grad()
+def density_picture(models, dataset, device, count, out_path):
+    """Fig. 1: the feature density (mean absolute activation over channels) of the FPN levels at strides 8..64 of
+    each model (rows, in the order given) on the same images; each level's maps share one scale across models, so
+    brighter means more activation. One PNG: rows = models x images, columns = 4 levels, each cell h x w."""
+    from torchvision.io import write_png
+    from torchvision.utils import draw_bounding_boxes
+    images = [dataset[i][0] for i in range(min(count, len(dataset)))]
+    maps = {}                                                        # (row, name, image) -> 4 maps [h, w]
+    for row, (name, model) in enumerate(models):
+        model.eval().to(device)
+        for i, image in enumerate(images):
+            out = detectors.forward_features(model, [image.to(device)])
+            h, w = image.shape[-2:]
+            maps[row, name, i] = [nnf.interpolate(f.abs().mean(1, keepdim=True).float(), scale_factor=s, mode="nearest")
+                             [0, 0, :h, :w].cpu() for f, s in zip(out.features, detectors.AKE_STRIDES)]
+    scale = [max(m[level].max() for m in maps.values()).clamp(min=1e-12) for level in range(4)]
+    rows = []
+    for (_, name, i), levels in maps.items():
+        cells = [to_uint8((m / s).clamp(0, 1)).expand(3, -1, -1) for m, s in zip(levels, scale)]
+        row = hstack(*cells)
+        label = torch.tensor([[0.0, 0.0, 2.0, 2.0]])                   # a 2-px tag carrying the model's name
+        rows.append(draw_bounding_boxes(row, label, labels=[f"{name} #{i}"], colors="yellow"))
+    write_png(torch.cat(rows, dim=-2), out_path)
+    return out_path
+
+
+@torch.no_grad()
+def compare_pictures(model_a, model_b, dataset, device, count, out_dir, score_thresh=0.3):
+    """Ground truth | predictions of model A | predictions of model B, on the same images (e.g. a student
+    trained without and with UniKD). One PNG [3, h, 3w] per image; predictions with score >= score_thresh."""
+    from torchvision.io import write_png
+    from torchvision.utils import draw_bounding_boxes
+    os.makedirs(out_dir, exist_ok=True)
+    names = ["background"] + base_dataset(dataset).class_names
+    paths = []
+    for index in range(min(count, len(dataset))):
+        image, target = dataset[index]
+        panels = [draw_bounding_boxes(to_uint8(image), target["boxes"], colors=LIME, width=1)]
+        for model in (model_a, model_b):
+            output = model.eval().to(device)([image.to(device)])[0]
+            keep = (output["scores"] >= score_thresh) & (output["labels"] > 0)
+            labels = [f"{names[int(l)]} {s:.2f}" for l, s in zip(output["labels"][keep], output["scores"][keep])]
+            panels.append(draw_bounding_boxes(to_uint8(image), output["boxes"][keep].cpu(), labels=labels or None,
+                                              colors="red", width=1))
+        path = os.path.join(out_dir, f"compare_{target['image_id']:012d}.png")
+        write_png(hstack(*panels), path)
+        paths.append(path)
+    return paths
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
@@ -727,10 +863,22 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--visualize", type=int, default=0, metavar="N", help="write N PNGs with GT and predictions")
-    parser.add_argument("--out", default=None, help="folder for --visualize PNGs")
+    parser.add_argument("--out", default=None, help="folder for --visualize and picture PNGs")
+    pictures = parser.add_argument_group("pictures of the paper's figures (instead of the evaluation)")
+    pictures.add_argument("--sampling", default=None, metavar="AKE",
+                          help="Fig. 4: sampling locations of this ake.pth's extractor on --model/--ckpt (its teacher)")
+    pictures.add_argument("--density", nargs="+", default=None, metavar="NAME=CKPT",
+                          help="Fig. 1: FPN feature density of --model/--ckpt and of these models, one row each")
+    pictures.add_argument("--compare", default=None, metavar="NAME=CKPT",
+                          help="ground truth | predictions of --model/--ckpt | predictions of this model")
+    pictures.add_argument("--pictures", type=int, default=4, metavar="N", help="images per picture flag")
     args = parser.parse_args(argv)
-    if args.visualize and not args.out:
-        parser.error("--visualize needs --out DIR")
+    wants_out = [flag for flag in ("visualize", "sampling", "density", "compare") if getattr(args, flag)]
+    if wants_out and not args.out:
+        parser.error(f"--{wants_out[0]} needs --out DIR")
+    for spec in (args.density or []) + ([args.compare] if args.compare else []):
+        if "=" not in spec:
+            parser.error(f"{spec}: expected NAME=CKPT, e.g. fcos_r18=runs/distill_fcos_r18/student.pth")
     return args
 
 
@@ -755,6 +903,46 @@ def write_json_atomic(path, data):
     os.replace(tmp, path)
 
 
+def load_model(name, ckpt, dataset, args):
+    """A detector from one of our checkpoints, or a UserError naming the mismatch."""
+    if not os.path.isfile(ckpt):
+        raise UserError(f"checkpoint {ckpt} not found; pass a model.pth / student.pth written by train.py")
+    try:
+        return detectors.build_detector(name, dataset.num_classes, weights=ckpt, min_size=args.min_size,
+                                        max_size=args.max_size)
+    except detectors.CheckpointError as e:
+        raise UserError(f"{e}; pass the --model and data it was trained with, and a checkpoint from train.py") \
+            from None
+
+
+def named_model(spec, dataset, args):
+    """NAME=CKPT -> (canonical name, detector)."""
+    name, ckpt = spec.split("=", 1)
+    try:
+        name = detectors.canonical_name(name)
+    except ValueError as e:
+        raise UserError(f"{spec}: {e}") from None
+    return name, load_model(name, ckpt, dataset, args)
+
+
+def write_pictures(args, name, model, dataset):
+    """The picture flags' PNGs (no evaluation) -> their paths."""
+    paths = []
+    if args.sampling:
+        ake = load_ake_model(args.sampling, name, dataset.num_classes)
+        paths += sampling_pictures(model, ake, dataset, args.device, args.pictures, args.out)
+    if args.density:
+        os.makedirs(args.out, exist_ok=True)
+        models = [(name, model)] + [named_model(spec, dataset, args) for spec in args.density]
+        paths.append(density_picture(models, dataset, args.device, args.pictures,
+                                     os.path.join(args.out, "density.png")))
+    if args.compare:
+        paths += compare_pictures(model, named_model(args.compare, dataset, args)[1], dataset, args.device,
+                                  args.pictures, args.out)
+    print(f"wrote {len(paths)} pictures to {args.out}")
+    return {"pictures": paths}
+
+
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
@@ -763,22 +951,16 @@ def main(argv=None):
         name = detectors.canonical_name(args.model)
     except ValueError as e:
         raise UserError(f"{e}; pass one of them to --model") from None
-    if not os.path.isfile(args.ckpt):
-        raise UserError(f"checkpoint {args.ckpt} not found; pass a model.pth / student.pth written by train.py")
     trained_with = checkpoint_train_args(args.ckpt)
     if args.min_size is None and trained_with.get("min_size"):
         args.min_size = trained_with["min_size"]
     if args.max_size is None and trained_with.get("max_size"):
         args.max_size = trained_with["max_size"]
     dataset = build_dataset(args, "val")
-    try:
-        model = detectors.build_detector(name, dataset.num_classes, weights=args.ckpt, min_size=args.min_size,
-                                         max_size=args.max_size)
-    except detectors.CheckpointError as e:
-        raise UserError(f"{e}; pass the --model and data it was trained with, and a checkpoint from train.py") \
-            from None
-    model.to(args.device)
+    model = load_model(name, args.ckpt, dataset, args).to(args.device)
     print(f"{name} from {args.ckpt}: {dataset.summary()}", flush=True)
+    if args.sampling or args.density or args.compare:
+        return write_pictures(args, name, model, dataset)
     loader = build_loader(dataset, args.batch_size, train=False, workers=args.workers)
     metrics = evaluate(model, loader, args.device, verbose=True)
     out = result_path(args.ckpt)

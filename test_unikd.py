@@ -1658,7 +1658,7 @@ def test_offline_step_equals_online_step_within_fp16(tmp_path):
     # online: teacher features -> knowledge with a seeded generator inside the step
     with torch.no_grad():
         out = detectors.forward_features(teacher, images, targets)
-        knowledge = ake.teacher_knowledge(out.features, train.normalized_targets(out), torch.Generator().manual_seed(5))
+        knowledge = ake.teacher_knowledge(out.features, detectors.normalized_targets(out), torch.Generator().manual_seed(5))
     store = write_store(tmp_path / "store", [(knowledge, [100, 101], 0, out.batch_size_hw)], (20, 256, "fp16"))
     # the store keeps what was written: one flip state per image here (image 101 stored as flip 0)
     for t in targets:
@@ -1840,3 +1840,81 @@ def test_offline_bad_input_is_one_clear_line(dumped, tmp_path):
     assert_user_error(offline(tmp_path / "nowhere"), "not a knowledge store")
     # nothing was written by any of these runs
     assert not any(p.name.startswith("out_") and any(p.rglob("*.pth")) for p in tmp_path.iterdir())
+
+
+# ====================================================================================================================
+# --stage demo and --stage grid (train.py)
+# ====================================================================================================================
+
+TINY_PIPELINE = TINY + ["--num-queries", "20", "--max-iters", "1", "--teacher-epochs", "1", "--pretrain-epochs", "1",
+                        "--student-epochs", "1"]
+
+
+def test_demo_runs_end_to_end_and_a_rerun_skips_its_steps(tmp_path):
+    demo = ["--stage", "demo", "--teacher", "fcos_r18", "--student", "retinanet_r18"] + TINY_PIPELINE
+    res = run(demo, tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = [l for l in res.stdout.splitlines() if l.startswith("| ")]
+    assert [l.split(" | ")[0] for l in table[2:]] == ["| teacher", "| AKE (content queries)", "| student, no KD",
+                                                      "| student, UniKD"]
+    for step in ("teacher_fcos_r18", "ake_fcos_r18", "fcos_r18__retinanet_r18__none__s0",
+                 "fcos_r18__retinanet_r18__unikd__s0"):
+        result = json.loads((tmp_path / "runs" / "demo" / step / "result.json").read_text())
+        assert "AP" in result["metrics"] and result["command"].startswith("python train.py --stage ")
+    again = run(demo, tmp_path)
+    assert again.returncode == 0 and again.stdout.count("(earlier run)") == 4 and "== " not in again.stdout
+
+
+def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
+    grid = ["--stage", "grid", "--teachers", "fcos_r18", "--students", "retinanet_r18", "--methods", "none,unikd",
+            "--seeds", "0,1"] + TINY_PIPELINE
+    res = run(grid, tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    root = tmp_path / "runs" / "grid"
+    aps = {(m, s): json.loads((root / f"fcos_r18__retinanet_r18__{m}__s{s}" / "result.json").read_text())["metrics"]["AP"]
+           for m in ("none", "unikd") for s in (0, 1)}
+    md = (root / "results.md").read_text()
+    row = next(l for l in md.splitlines() if l.startswith("| fcos_r18 → retinanet_r18"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    for col, m in zip(cols[1:3], ("none", "unikd")):
+        values = np.array([aps[m, 0], aps[m, 1]])
+        assert col == f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+    assert cols[3] == f"{np.mean([aps['unikd', 0], aps['unikd', 1]]) - np.mean([aps['none', 0], aps['none', 1]]):+.3f}"
+    assert "heterogeneous" in row and "python train.py --stage grid" in md
+    # a cell removed is the only work of the rerun
+    shutil.rmtree(root / "fcos_r18__retinanet_r18__unikd__s1")
+    again = run(grid, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    ran = [l for l in again.stdout.splitlines() if l.startswith("== ")]
+    assert len(ran) == 1 and "--method unikd" in ran[0] and "--seed 1" in ran[0]
+    assert_user_error(run(grid[:-len(TINY_PIPELINE)] + ["--methods", "none,distil"] + TINY_PIPELINE, tmp_path),
+                      "--methods", "distil")
+
+
+def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path):
+    from torchvision.io import decode_png, read_file
+    cwd, one = pretrained
+    teacher = str(cwd / "runs" / "train_fcos_r18" / "model.pth")
+    base = [sys.executable, os.path.join(REPO, "eval.py"), "--model", "fcos_r18", "--ckpt", teacher, "--data-path",
+            str(cwd / "data" / "shapes_8x4_64x64_s0"), "--workers", "0", "--device", "cpu", "--pictures", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+
+    def pictures(*flags):
+        out = tmp_path / flags[0].strip("-")
+        res = subprocess.run(base + list(flags) + ["--out", str(out)], cwd=cwd, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        files = sorted(out.glob("*.png"))
+        return [decode_png(read_file(str(f))) for f in files], res
+
+    sampling, _ = pictures("--sampling", str(cwd / "runs" / "pretrain_fcos_r18" / "ake.pth"))
+    assert len(sampling) == 2 and all(p.shape == (3, 64, 128) for p in sampling)
+    left, right = sampling[0][:, :, :64].int(), sampling[0][:, :, 64:].int()
+    assert (left[0] - left[1]).max() > 100 and (right[1] - right[0]).max() > 100   # red | green attention
+    density, _ = pictures("--density", f"fcos_r18={teacher}")
+    assert len(density) == 1 and density[0].shape == (3, 2 * 2 * 64, 4 * 64)
+    compare, _ = pictures("--compare", f"fcos_r18={teacher}")
+    assert len(compare) == 2 and all(p.shape == (3, 64, 3 * 64) for p in compare)
+    res = subprocess.run(base + ["--sampling", teacher, "--out", str(tmp_path / "x")], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert_user_error(res, "not an AKE file")

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.ops import box_convert
 
 import detectors
 import eval as evaluation  # our eval.py (the module name shadows the builtin only inside that module)
@@ -48,7 +47,7 @@ COCO_TRAIN_IMAGES, COCO_SIZE = 118287, (800, 1333)  # train2017 at the paper's r
 
 def get_args_parser():
     p = evaluation.ArgumentParser(description="UniKD: train detectors, pretrain AKEs, distil students", add_help=True)
-    p.add_argument("--stage", default="train", choices=["train", "pretrain", "dump", "distill"])
+    p.add_argument("--stage", default="train", choices=["train", "pretrain", "dump", "distill", "demo", "grid"])
     # models
     p.add_argument("--model", default="retinanet_r50", help="--stage train: detector to train")
     p.add_argument("--teacher", default=None, help="--stage pretrain: teacher detector name")
@@ -101,6 +100,14 @@ def get_args_parser():
     p.add_argument("--kd-cost", default=0, type=int, metavar="STEPS",
                    help="--stage distill: instead of training, time STEPS online KD steps against teacher forward + "
                         "student step (no KD) on the same batches, print the medians and their ratio")
+    # demo and grid (the paper's Table 2 in miniature): schedules of their steps
+    p.add_argument("--teachers", default="retinanet_r50,faster_rcnn_r50", help="--stage grid: teacher detectors")
+    p.add_argument("--students", default="retinanet_r18,fcos_r18", help="--stage grid: student detectors")
+    p.add_argument("--methods", default="none,fitnet,unikd", help="--stage grid: distillation methods")
+    p.add_argument("--seeds", default="0,1,2", help="--stage grid: student seeds (teacher and AKE: seed 0)")
+    p.add_argument("--teacher-epochs", default=None, type=int, help="--stage demo/grid: teacher training epochs")
+    p.add_argument("--pretrain-epochs", default=None, type=int, help="--stage demo/grid: AKE pretraining epochs")
+    p.add_argument("--student-epochs", default=None, type=int, help="--stage demo/grid: student epochs")
     # bookkeeping
     p.add_argument("--output-dir", default=None, help="default runs/<stage>_<model>")
     p.add_argument("--resume", default=None, help="checkpoint.pth to continue from")
@@ -218,17 +225,6 @@ def set_size_defaults(args):
 
 def to_device(images, targets, device):
     return [im.to(device, non_blocking=True) for im in images], evaluation.targets_to(targets, device)
-
-
-def normalized_targets(fpn_out):
-    """Transformed targets -> AKE targets: contiguous labels 0..K-1, boxes cxcywh / batched tensor size."""
-    h, w = fpn_out.batch_size_hw
-    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-    out = []
-    for t in fpn_out.targets:
-        boxes = box_convert(t["boxes"].float(), "xyxy", "cxcywh") / scale.to(t["boxes"].device)
-        out.append({"labels": t["labels"] - 1, "boxes": boxes.clamp(0, 1)})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -501,7 +497,7 @@ def stage_pretrain(args, device):
     def loss_fn(images, targets):
         with torch.no_grad():
             out = detectors.forward_features(teacher, images, targets)
-        return ddp_ake(out.features, normalized_targets(out), generator=generator, mode="pretrain")
+        return ddp_ake(out.features, detectors.normalized_targets(out), generator=generator, mode="pretrain")
 
     def save(epoch, metrics):
         atomic_save({"kind": AKE_FILE_KIND, "version": 1, "config": config, "state_dict": ake.state_dict(),
@@ -569,11 +565,11 @@ class Distiller(torch.nn.Module):
             knowledge = store.knowledge(targets, out.batch_size_hw, student_feats[0].device)
             losses.update(self.ake.student_loss(knowledge, student_feats, *lambdas))
         elif self.method == "unikd":
-            losses.update(self.ake(teacher_features, normalized_targets(out), student_features=student_feats,
+            losses.update(self.ake(teacher_features, detectors.normalized_targets(out), student_features=student_feats,
                                    generator=generator, mode="distill", lambda_ct=lambdas[0], lambda_pos=lambdas[1]))
         else:
             losses["loss_fitnet"] = fitnet_weight * unikd.fitnet_loss(teacher_features, student_feats,
-                                                                      normalized_targets(out))
+                                                                      detectors.normalized_targets(out))
         return losses
 
 
@@ -881,7 +877,7 @@ def stage_dump(args, device):
                 generator = torch.Generator().manual_seed(args.seed * 1_000_003 + (k * 2 + flip) * 10_007 + b)
                 with torch.no_grad(), autocast(args, device):
                     out = detectors.forward_features(teacher, images, targets)
-                    ake_targets = normalized_targets(out)
+                    ake_targets = detectors.normalized_targets(out)
                     knowledge = ake.teacher_knowledge(out.features, ake_targets, generator)
                 records.append(knowledge_to_records(knowledge, [t["image_id"] for t in targets], flip,
                                                     out.batch_size_hw, layout, args.dump_dtype))
@@ -947,6 +943,174 @@ def write_store_index(partial, params, shards, layout, element_bytes):
     return manifest
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# --stage demo and --stage grid: whole pipelines of the stages above, each step its own run that a rerun skips
+
+# flags a demo or grid passes on to each of its steps (data, image size, loader, device, precision, smoke caps)
+PASSED_ON = ("data_path", "train_images", "train_ann", "val_images", "val_ann", "min_size", "max_size",
+             "shapes_train", "shapes_val", "shapes_size", "shapes_seed", "workers", "batch_size", "amp", "max_iters",
+             "print_freq", "num_queries", "warmup_iters")  # (and the device, set on each step directly)
+DEMO_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18", shapes_train=256, shapes_val=64,
+                     teacher_epochs=3, pretrain_epochs=2, student_epochs=2, warmup_iters=40)
+GRID_DEFAULTS = dict(shapes_train=1000, shapes_val=250, teacher_epochs=12, pretrain_epochs=6, student_epochs=4,
+                     warmup_iters=200)
+
+
+def passed_on_flags(args):
+    """args -> the command-line flags of PASSED_ON whose values differ from the parser's defaults."""
+    defaults, flags = get_args_parser().parse_args([]), []
+    for name in PASSED_ON:
+        value = getattr(args, name)
+        if value == getattr(defaults, name) or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        flags += [flag] if value is True else [flag] + [str(v) for v in (value if isinstance(value, list) else [value])]
+    return flags
+
+
+def run_step(args, device, out_dir, argv):
+    """One stage as its own run in out_dir -> its result.json ({"metrics", "seconds", "command"}). A step whose
+    result.json exists is skipped; one interrupted after an epoch continues from its checkpoint."""
+    result_file = os.path.join(out_dir, "result.json")
+    if os.path.isfile(result_file):
+        with open(result_file) as f:
+            return dict(json.load(f), skipped=True)
+    argv = argv + passed_on_flags(args) + ["--output-dir", out_dir]
+    step = get_args_parser().parse_args(argv)
+    if os.path.isfile(os.path.join(out_dir, "checkpoint.pth")):
+        step.resume = os.path.join(out_dir, "checkpoint.pth")
+    step.distributed, step.rank, step.world_size, step.device = args.distributed, args.rank, args.world_size, args.device
+    set_size_defaults(step)
+    torch.manual_seed(step.seed + step.rank)
+    t0 = time.time()
+    log(args, f"== {' '.join(argv)}")
+    metrics = STAGES[step.stage](step, device)
+    result = {"metrics": metrics, "seconds": time.time() - t0, "command": "python train.py " + " ".join(argv)}
+    if is_main(args):
+        with open(result_file + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(result_file + ".tmp", result_file)
+    return result
+
+
+def explicit_flags(argv):
+    """The dests of the flags given on the command line (not left at their defaults), sorted."""
+    parser, unset = get_args_parser(), object()
+    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    return sorted(k for k, v in vars(parser.parse_args(argv)).items() if v is not unset)
+
+
+def apply_defaults(args, defaults):
+    """Fills the demo/grid schedule defaults into the flags the user did not give."""
+    for name, value in defaults.items():
+        if name not in args.explicit:
+            setattr(args, name, value)
+    set_size_defaults(args)
+
+
+def teacher_and_ake(args, device, root, teacher):
+    """The teacher's training and its AKE's pretraining (seed 0), as steps of root -> (teacher result, AKE result,
+    ake.pth)."""
+    tdir, adir = os.path.join(root, f"teacher_{teacher}"), os.path.join(root, f"ake_{teacher}")
+    t = run_step(args, device, tdir, ["--stage", "train", "--model", teacher, "--epochs", str(args.teacher_epochs),
+                                      "--eval-every", "0"])
+    a = run_step(args, device, adir, ["--stage", "pretrain", "--teacher", teacher, "--teacher-weights",
+                                      os.path.join(tdir, "model.pth"), "--epochs", str(args.pretrain_epochs),
+                                      "--eval-every", "0"])
+    return t, a, os.path.join(adir, "ake.pth")
+
+
+def student_step(args, device, root, teacher, student, method, seed, ake):
+    return run_step(args, device, os.path.join(root, f"{teacher}__{student}__{method}__s{seed}"),
+                    ["--stage", "distill", "--student", student, "--method", method, "--ake", ake, "--seed", str(seed),
+                     "--epochs", str(args.student_epochs), "--eval-every", "0"])
+
+
+def stage_demo(args, device):
+    """Teacher -> AKE -> one heterogeneous student without KD and with UniKD; a table of APs and step times."""
+    apply_defaults(args, DEMO_DEFAULTS)
+    teacher, student = model_name(args.teacher, "--teacher"), model_name(args.student, "--student")
+    root = args.output_dir or os.path.join("runs", "demo")
+    t, a, ake = teacher_and_ake(args, device, root, teacher)
+    rows = [("teacher", teacher, t), ("AKE (content queries)", f"AKE of {teacher}", a)]
+    for method in ("none", "unikd"):
+        rows.append((f"student, {'no KD' if method == 'none' else 'UniKD'}", student,
+                     student_step(args, device, root, teacher, student, method, args.seed, ake)))
+    lines = ["| step | model | AP | AP50 | wall time |", "| --- | --- | ---: | ---: | ---: |"]
+    for step, model, r in rows:
+        m = r["metrics"]
+        lines.append(f"| {step} | {model} | {m.get('AP', float('nan')):.3f} | {m.get('AP50', float('nan')):.3f} | "
+                     f"{r['seconds']:.0f} s{' (earlier run)' if r.get('skipped') else ''} |")
+    ap = [r["metrics"].get("AP", float("nan")) for _, _, r in rows]
+    if ap[0] <= ap[2]:
+        lines.append(f"\nThe teacher (AP {ap[0]:.3f}) is not stronger than the student without KD (AP {ap[2]:.3f}): "
+                     f"there is nothing to distil; give it more --teacher-epochs.")
+    log(args, "\n".join(["", f"demo ({root}): the pipeline on a small set and a short schedule, not the paper's "
+                             f"gains"] + lines))
+    return {"rows": [(s, m, r["metrics"], r["seconds"]) for s, m, r in rows]}
+
+
+def stage_grid(args, device):
+    """The paper's Table 2 in miniature: every (teacher, student, method, seed) cell trains and evaluates on its
+    own and writes its result.json; a rerun skips finished cells; results.md gathers mean +- std AP per cell."""
+    apply_defaults(args, GRID_DEFAULTS)
+    split = lambda text: [x for x in text.split(",") if x]  # noqa: E731
+    teachers = [model_name(x, "--teachers") for x in split(args.teachers)]
+    students = [model_name(x, "--students") for x in split(args.students)]
+    methods, seeds = split(args.methods), [int(x) for x in split(args.seeds)]
+    bad = [m for m in methods if m not in ("none", "fitnet", "unikd")]
+    if bad:
+        raise UserError(f"--methods {args.methods}: unknown method {bad[0]}; choose from none, fitnet, unikd")
+    root = args.output_dir or os.path.join("runs", "grid")
+    cells, prerequisites = {}, {}
+    for teacher in teachers:
+        t, a, ake = teacher_and_ake(args, device, root, teacher)
+        prerequisites[teacher] = (t, a)
+        for student, method, seed in itertools.product(students, methods, seeds):
+            cells[teacher, student, method, seed] = student_step(args, device, root, teacher, student, method, seed,
+                                                                 ake)
+    if is_main(args):
+        with open(os.path.join(root, "results.md"), "w") as f:
+            f.write(grid_table(args, root, prerequisites, cells, teachers, students, methods, seeds))
+        log(args, f"wrote {os.path.join(root, 'results.md')}")
+    return {"cells": len(cells)}
+
+
+def grid_table(args, root, prerequisites, cells, teachers, students, methods, seeds):
+    """results.md: teacher and AKE AP, then per (teacher, student) the mean +- std AP over seeds of each method
+    and its gain over `none`, and the commands that reproduce every number."""
+    def mean_std(values):
+        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    out = [f"# UniKD grid ({root})", "", f"Seeds {seeds}; AP = COCO box AP on the validation set, mean ± std over "
+           f"seeds; gain = mean AP − mean AP of `none`.", "", "| teacher | teacher AP | AKE AP |", "| --- | ---: | ---: |"]
+    for teacher in teachers:
+        t, a = prerequisites[teacher]
+        out.append(f"| {teacher} | {t['metrics'].get('AP', float('nan')):.3f} | "
+                   f"{a['metrics'].get('AP', float('nan')):.3f} |")
+    out += ["", "| teacher → student | " + " | ".join(methods) + " | " +
+            " | ".join(f"gain {m}" for m in methods if m != "none") + " |",
+            "| --- | " + " | ".join("---:" for _ in methods) + " | " +
+            " | ".join("---:" for m in methods if m != "none") + " |"]
+    for teacher, student in itertools.product(teachers, students):
+        stats = {m: mean_std([cells[teacher, student, m, s]["metrics"].get("AP", float("nan")) for s in seeds])
+                 for m in methods}
+        row = [f"{stats[m][0]:.3f} ± {stats[m][1]:.3f}" for m in methods]
+        gains = [f"{stats[m][0] - stats['none'][0]:+.3f}" if "none" in stats else "n/a" for m in methods if m != "none"]
+        kind = "homogeneous" if family_of(teacher) == family_of(student) else "heterogeneous"
+        out.append(f"| {teacher} → {student} ({kind}) | " + " | ".join(row + gains) + " |")
+    out += ["", "Commands (each cell's own `result.json` holds its command and wall time):", "", "```",
+            "python train.py --stage grid " + " ".join(
+                ["--teachers", ",".join(teachers), "--students", ",".join(students), "--methods", ",".join(methods),
+                 "--seeds", ",".join(map(str, seeds)), "--teacher-epochs", str(args.teacher_epochs),
+                 "--pretrain-epochs", str(args.pretrain_epochs), "--student-epochs", str(args.student_epochs)]
+                + passed_on_flags(args) + (["--output-dir", root] if args.output_dir else []))]
+    for teacher in teachers:  # in the order they ran
+        out += [r["command"] for r in prerequisites[teacher]]
+        out += [r["command"] for (t, *_), r in cells.items() if t == teacher]
+    out += ["```", ""]
+    return "\n".join(out)
+
+
 def benchmark_kd_cost(args, device, kd_loss_fn, teacher, student, params, train_loader, offline=False):
     """Median step times, alternating on the same batches after 2 warm-up steps each: online distillation vs the
     same step without KD (teacher forward + student train step); with offline, also the offline step (stored
@@ -1004,11 +1168,13 @@ def benchmark_kd_cost(args, device, kd_loss_fn, teacher, student, params, train_
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-STAGES = {"train": stage_train, "pretrain": stage_pretrain, "dump": stage_dump, "distill": stage_distill}
+STAGES = {"train": stage_train, "pretrain": stage_pretrain, "dump": stage_dump, "distill": stage_distill,
+          "demo": stage_demo, "grid": stage_grid}
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    args.explicit = explicit_flags(sys.argv[1:] if argv is None else argv)
     try:
         if args.data_path is not None and not os.path.isdir(args.data_path):
             raise UserError(f"--data-path {args.data_path}: no such directory; pass a COCO-layout root "
