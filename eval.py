@@ -37,9 +37,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
+from torchvision.io import write_png
 from torchvision.transforms.v2 import functional as F
+from torchvision.utils import draw_bounding_boxes
 
 import detectors
+import unikd
 
 log = logging.getLogger("unikd")
 
@@ -694,11 +697,20 @@ def shaded(rng, color, mask):
 
 # ------------------------------------------------------------------------------------------ visualisation
 
+def draw_predictions(picture, output, names, score_thresh):
+    """uint8 [3, h, w] with a detector's boxes of score >= score_thresh in red, labelled "class score"."""
+    keep = (output["scores"] >= score_thresh) & (output["labels"] > 0)
+    labels = [f"{names[int(l)]} {s:.2f}" for l, s in zip(output["labels"][keep], output["scores"][keep])]
+    return draw_bounding_boxes(picture, output["boxes"][keep].cpu(), labels=labels or None, colors="red", width=1)
+
+
+def to_uint8(image):
+    return (image * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 @torch.no_grad()
 def visualize(model, dataset, device, count: int, out_dir: str, score_thresh=0.3):
     """Write count PNGs: ground truth boxes green, predictions with score >= score_thresh red."""
-    from torchvision.io import write_png
-    from torchvision.utils import draw_bounding_boxes
 
     os.makedirs(out_dir, exist_ok=True)
     model.eval()
@@ -707,12 +719,8 @@ def visualize(model, dataset, device, count: int, out_dir: str, score_thresh=0.3
     for index in range(min(count, len(dataset))):
         image, target = dataset[index]
         output = model([image.to(device)])[0]
-        keep = (output["scores"] >= score_thresh) & (output["labels"] > 0)
-        picture = (image * 255).round().to(torch.uint8)
-        picture = draw_bounding_boxes(picture, target["boxes"], colors="lime", width=1)
-        labels = [f"{names[int(l)]} {s:.2f}" for l, s in zip(output["labels"][keep], output["scores"][keep])]
-        picture = draw_bounding_boxes(picture, output["boxes"][keep].cpu(), labels=labels or None, colors="red",
-                                      width=1)
+        picture = draw_bounding_boxes(to_uint8(image), target["boxes"], colors="lime", width=1)
+        picture = draw_predictions(picture, output, names, score_thresh)
         path = os.path.join(out_dir, f"{target['image_id']:012d}.png")
         write_png(picture, path)
         paths.append(path)
@@ -722,10 +730,6 @@ def visualize(model, dataset, device, count: int, out_dir: str, score_thresh=0.3
 # ------------------------------------------------------------------------------ the paper's pictures (Fig. 1, 4)
 
 RED, GREEN, LIME = (255, 40, 40), (40, 255, 40), "lime"
-
-
-def to_uint8(image):
-    return (image * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def blend(picture, heat, color):
@@ -751,7 +755,6 @@ def hstack(*pictures):
 
 def load_ake_model(path, teacher_name, num_classes):
     """ake.pth written by train.py --stage pretrain -> frozen unikd.UniKD, checked against --model and the data."""
-    import unikd
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -771,9 +774,6 @@ def sampling_pictures(teacher, ake, dataset, device, count, out_dir, seed=0):
     """Fig. 4: where the AKE's knowledge extractor f_e looks on the teacher's levels -- the attention-weighted
     sampling locations of its last layer, content queries in red (left), positional queries in green (right),
     summed over heads, levels and points; ground-truth boxes in lime. One PNG [3, h, 2w] per image."""
-    from torchvision.io import write_png
-    from torchvision.utils import draw_bounding_boxes
-    import unikd
     os.makedirs(out_dir, exist_ok=True)
     teacher.eval().to(device)
     ake.to(device)
@@ -806,8 +806,6 @@ def density_picture(models, dataset, device, count, out_path):
     """Fig. 1: the feature density (mean absolute activation over channels) of the FPN levels at strides 8..64 of
     each model (rows, in the order given) on the same images; each level's maps share one scale across models, so
     brighter means more activation. One PNG: rows = models x images, columns = 4 levels, each cell h x w."""
-    from torchvision.io import write_png
-    from torchvision.utils import draw_bounding_boxes
     images = [dataset[i][0] for i in range(min(count, len(dataset)))]
     maps = {}                                                        # (row, name, image) -> 4 maps [h, w]
     for row, (name, model) in enumerate(models):
@@ -832,8 +830,6 @@ def density_picture(models, dataset, device, count, out_path):
 def compare_pictures(model_a, model_b, dataset, device, count, out_dir, score_thresh=0.3):
     """Ground truth | predictions of model A | predictions of model B, on the same images (e.g. a student
     trained without and with UniKD). One PNG [3, h, 3w] per image; predictions with score >= score_thresh."""
-    from torchvision.io import write_png
-    from torchvision.utils import draw_bounding_boxes
     os.makedirs(out_dir, exist_ok=True)
     names = ["background"] + base_dataset(dataset).class_names
     paths = []
@@ -842,10 +838,7 @@ def compare_pictures(model_a, model_b, dataset, device, count, out_dir, score_th
         panels = [draw_bounding_boxes(to_uint8(image), target["boxes"], colors=LIME, width=1)]
         for model in (model_a, model_b):
             output = model.eval().to(device)([image.to(device)])[0]
-            keep = (output["scores"] >= score_thresh) & (output["labels"] > 0)
-            labels = [f"{names[int(l)]} {s:.2f}" for l, s in zip(output["labels"][keep], output["scores"][keep])]
-            panels.append(draw_bounding_boxes(to_uint8(image), output["boxes"][keep].cpu(), labels=labels or None,
-                                              colors="red", width=1))
+            panels.append(draw_predictions(to_uint8(image), output, names, score_thresh))
         path = os.path.join(out_dir, f"compare_{target['image_id']:012d}.png")
         write_png(hstack(*panels), path)
         paths.append(path)
