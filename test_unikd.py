@@ -1794,6 +1794,21 @@ def test_offline_distill_trains_without_a_teacher(dumped):
     assert (cwd / "runs" / "distill_retinanet_r18_offline" / "student.pth").exists()
 
 
+def test_one_flip_store_trains_the_student_without_flips(dumped, tmp_path):
+    import train
+    cwd, one, _, _ = dumped
+    store = tmp_path / "unflipped"
+    res = run(["--stage", "dump", "--dump-flips", "1", "--dump-dtype", "bf16", "--output-dir", str(store)] + one, cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = train.KnowledgeStore(str(store)).manifest
+    assert m["flips"] == [0] and m["dtype"] == "bf16" and all(set(v) == {"0"} for v in
+                                                             json.loads((store / "index.json").read_text()).values())
+    res = run(["--stage", "distill", "--student", "retinanet_r18", "--offline", str(store), "--output-dir",
+               str(tmp_path / "student")] + one, cwd)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "unflipped images only" in res.stdout     # every batch found its entries: no flipped image was drawn
+
+
 def test_offline_bad_input_is_one_clear_line(dumped, tmp_path):
     cwd, one, store_dir, _ = dumped
     distill = ["--stage", "distill", "--student", "retinanet_r18"] + one
