@@ -1070,9 +1070,11 @@ def stage_grid(args, device):
             cells[teacher, student, method, seed] = student_step(args, device, root, teacher, student, method, seed,
                                                                  ake)
     if is_main(args):
-        with open(os.path.join(root, "results.md"), "w") as f:
+        path = os.path.join(root, "results.md")
+        with open(path + ".tmp", "w") as f:
             f.write(grid_table(args, root, prerequisites, cells, teachers, students, methods, seeds))
-        log(args, f"wrote {os.path.join(root, 'results.md')}")
+        os.replace(path + ".tmp", path)
+        log(args, f"wrote {path}")
     return {"cells": len(cells)}
 
 
