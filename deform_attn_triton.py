@@ -942,7 +942,7 @@ def _compile_isolated(build):
     read_fd, write_fd = os.pipe()
     with tempfile.TemporaryFile() as log:
         t0 = time.perf_counter()
-        with warnings.catch_warnings():  # the child only compiles and exits: no lock of torch's threads is taken
+        with warnings.catch_warnings():  # the child runs no torch ops: it compiles, reports and exits
             warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
             pid = os.fork()
         if pid == 0:                                             # child: compile, report, exit
