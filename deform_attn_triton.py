@@ -36,10 +36,14 @@ Also here: `MSDeformAttn` (the Deformable DETR module, with its initialisation),
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import re
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 import warnings
 from typing import NamedTuple
@@ -907,11 +911,6 @@ def _aot_signature(kernel, args, meta):
 def _cubin_resources(cubin):
     """{"REG": .., "STACK": .., "LOCAL": ..} from `cuobjdump -res-usage` (shipped with triton's NVIDIA
     backend); {} where it is missing. LOCAL/STACK > 0 means registers spilled to local memory."""
-    import os
-    import re
-    import shutil
-    import subprocess
-    import tempfile
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
     if tool is None:
@@ -937,8 +936,6 @@ def _compile_isolated(build):
     """Runs build() -> CompiledKernel in a forked child, so that a compiler that aborts the process (LLVM
     does, on an instruction the target lacks) fails one table row, not the check. Returns {shared, regs,
     spill, ptx_lines, seconds} or {error, seconds}."""
-    import json
-    import tempfile
     read_fd, write_fd = os.pipe()
     with tempfile.TemporaryFile() as log:
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 import torch
@@ -23,7 +24,6 @@ import numpy as np
 import torchvision
 from PIL import Image
 from pycocotools import mask as mask_utils
-from torchvision.transforms import v2
 import torch.nn.functional as F
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
@@ -438,7 +438,7 @@ def test_triton_kernels_compile_for_sm90_at_the_launchers_decoder_config():
     B, Q, H, C, P, shapes = msda._bench_sizes(torch.device("cpu"))["decoder"]
     for kernel, target, dtype, *config_and_figures in rows:
         assert target == "sm_90" and "FAILED" not in config_and_figures
-        config, (smem, regs, spill, ptx_lines, seconds), sizes = config_and_figures[:4], config_and_figures[4:9], \
+        config, (_, regs, spill, ptx_lines, _), sizes = config_and_figures[:4], config_and_figures[4:9], \
             config_and_figures[9:]
         assert config == ["Q16", "C32", "w2", "s1"] and sizes == ["decoder"]
         assert int(regs) <= 255 and int(spill) == 0 and int(ptx_lines) > 100
@@ -1634,7 +1634,7 @@ def write_store(path, batches, layout_args=(20, 256, "fp16")):
                               for k, ids, flip, hw in batches])
     records.tofile(os.path.join(partial, "shard_00000.bin"))
     with open(os.path.join(partial, "shard_00000.json"), "w") as f:
-        json.dump({"entries": [[int(r["image_id"]), int(r["flip"]), __import__("zlib").crc32(r.tobytes())]
+        json.dump({"entries": [[int(r["image_id"]), int(r["flip"]), zlib.crc32(r.tobytes())]
                                for r in records], "fitnet_full_bytes": 1, "fitnet_fg_bytes": 1,
                    "entries_measured": 1}, f)
     params = {"num_queries": layout_args[0], "d_model": layout_args[1], "dtype": layout_args[2], "flips": [0, 1],
@@ -1695,7 +1695,6 @@ def test_offline_step_equals_online_step_within_fp16(tmp_path):
 
 def test_store_rescales_points_to_the_students_batch(tmp_path):
     """A record dumped on a 64x96 canvas read into a 128x96 student batch: the same pixels, in new normalised units."""
-    import train
     N, C = 3, 8
     k = unikd.Knowledge(torch.zeros(1, N, C), torch.tensor([[[0.5, 0.5], [0.25, 1.0], [1.0, 0.0]]]),
                         torch.zeros(1, N, C), torch.tensor([[[0.5, 0.5, 0.2, 0.4]] * N]), torch.zeros(1, N, C),

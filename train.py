@@ -17,7 +17,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
