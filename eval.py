@@ -744,9 +744,10 @@ def blend(picture, heat, color):
 
 def splat(points, weights, h, w):
     """Attention mass at normalised (x, y) points (relative to an h x w canvas) -> [h, w] map, nearest pixel."""
+    points, weights = points.detach().cpu(), weights.detach().float().cpu()  # the picture is drawn on the CPU
     x = (points[..., 0].flatten() * w).long().clamp(0, w - 1)
     y = (points[..., 1].flatten() * h).long().clamp(0, h - 1)
-    return torch.zeros(h * w).index_add_(0, y * w + x, weights.flatten().float().cpu()).view(h, w)
+    return torch.zeros(h * w).index_add_(0, y * w + x, weights.flatten()).view(h, w)
 
 
 def hstack(*pictures):
@@ -909,13 +910,16 @@ def load_model(name, ckpt, dataset, args):
 
 
 def named_model(spec, dataset, args):
-    """NAME=CKPT -> (canonical name, detector)."""
+    """NAME=CKPT -> (label, detector); the label is the canonical name, plus the distillation method where the
+    checkpoint is a train.py model.pth of --stage distill (so students of one family stay apart in a picture)."""
     name, ckpt = spec.split("=", 1)
     try:
         name = detectors.canonical_name(name)
     except ValueError as e:
         raise UserError(f"{spec}: {e}") from None
-    return name, load_model(name, ckpt, dataset, args)
+    trained_with = checkpoint_train_args(ckpt)
+    label = f"{name} {trained_with['method']}" if trained_with.get("stage") == "distill" else name
+    return label, load_model(name, ckpt, dataset, args)
 
 
 def write_pictures(args, name, model, dataset):

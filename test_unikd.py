@@ -8,6 +8,7 @@ import os  # noqa: I001
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import argparse
 import copy
 import itertools
 import json
@@ -1895,8 +1896,15 @@ def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
         assert col == f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
     assert cols[3] == f"{np.mean([aps['unikd', 0], aps['unikd', 1]]) - np.mean([aps['none', 0], aps['none', 1]]):+.3f}"
     assert "heterogeneous" in row and "python train.py --stage grid" in md
-    # a cell removed is the only work of the rerun
+    # a cell removed: --report trains nothing and shows the seeds that remain; a rerun runs only that cell
     shutil.rmtree(root / "fcos_r18__retinanet_r18__unikd__s1")
+    report = run(grid + ["--report"], tmp_path)
+    assert report.returncode == 0 and "== " not in report.stdout, report.stderr[-3000:]
+    assert not (root / "fcos_r18__retinanet_r18__unikd__s1").exists()
+    row = next(l for l in (root / "results.md").read_text().splitlines() if l.startswith("| fcos_r18 → retinanet_r18"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[2] == f"{aps['unikd', 0]:.3f} ± 0.000 (1/2 seeds)"
+    assert cols[3] == f"{aps['unikd', 0] - np.mean([aps['none', 0], aps['none', 1]]):+.3f}"
     again = run(grid, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     ran = [l for l in again.stdout.splitlines() if l.startswith("== ")]
@@ -1927,6 +1935,15 @@ def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path):
     assert (left[0] - left[1]).max() > 100 and (right[1] - right[0]).max() > 100   # red | green attention
     density, _ = pictures("--density", f"fcos_r18={teacher}")
     assert len(density) == 1 and density[0].shape == (3, 2 * 2 * 64, 4 * 64)
+    # students of one family stay apart in the picture: a distilled model.pth is labelled with its method
+    import eval as evaluation
+    blob = torch.load(teacher, map_location="cpu", weights_only=False)
+    blob["args"] = dict(blob["args"], stage="distill", method="fitnet")
+    torch.save(blob, tmp_path / "student_model.pth")
+    args = argparse.Namespace(min_size=64, max_size=64)
+    dataset = argparse.Namespace(num_classes=9)
+    assert evaluation.named_model(f"fcos_r18={teacher}", dataset, args)[0] == "fcos_r18"
+    assert evaluation.named_model(f"fcos_r18={tmp_path / 'student_model.pth'}", dataset, args)[0] == "fcos_r18 fitnet"
     compare, _ = pictures("--compare", f"fcos_r18={teacher}")
     assert len(compare) == 2 and all(p.shape == (3, 64, 3 * 64) for p in compare)
     res = subprocess.run(base + ["--sampling", teacher, "--out", str(tmp_path / "x")], cwd=cwd, env=env,

@@ -107,6 +107,9 @@ def get_args_parser():
     p.add_argument("--teacher-epochs", default=None, type=int, help="--stage demo/grid: teacher training epochs")
     p.add_argument("--pretrain-epochs", default=None, type=int, help="--stage demo/grid: AKE pretraining epochs")
     p.add_argument("--student-epochs", default=None, type=int, help="--stage demo/grid: student epochs")
+    p.add_argument("--report", action="store_true",
+                   help="--stage grid: write results.md from the steps finished so far (partial cells say how many "
+                        "seeds they hold); train nothing")
     # bookkeeping
     p.add_argument("--output-dir", default=None, help="default runs/<stage>_<model>")
     p.add_argument("--resume", default=None, help="checkpoint.pth to continue from")
@@ -974,6 +977,8 @@ def run_step(args, device, out_dir, argv):
     if os.path.isfile(result_file):
         with open(result_file) as f:
             return dict(json.load(f), skipped=True)
+    if getattr(args, "report", False):  # --stage grid --report: only what has finished
+        return None
     argv = argv + passed_on_flags(args) + ["--output-dir", out_dir]
     step = get_args_parser().parse_args(argv)
     if os.path.isfile(os.path.join(out_dir, "checkpoint.pth")):
@@ -1070,9 +1075,10 @@ def stage_grid(args, device):
                                                                  ake)
     if is_main(args):
         path = os.path.join(root, "results.md")
-        with open(path + ".tmp", "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # grids over disjoint cells may share a root and finish together
+        with open(tmp, "w") as f:
             f.write(grid_table(args, root, prerequisites, cells, teachers, students, methods, seeds))
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
         log(args, f"wrote {path}")
     return {"cells": len(cells)}
 
@@ -1080,23 +1086,32 @@ def stage_grid(args, device):
 def grid_table(args, root, prerequisites, cells, teachers, students, methods, seeds):
     """results.md: teacher and AKE AP, then per (teacher, student) the mean +- std AP over seeds of each method
     and its gain over `none`, and the commands that reproduce every number."""
+    def ap(result):
+        return result["metrics"].get("AP", float("nan"))
+
     def mean_std(values):
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    def cell(values):  # "mean ± std", with the seed count where some seeds have not finished
+        if not values:
+            return "—"
+        text = "{:.3f} ± {:.3f}".format(*mean_std(values))
+        return text if len(values) == len(seeds) else f"{text} ({len(values)}/{len(seeds)} seeds)"
     out = [f"# UniKD grid ({root})", "", f"Seeds {seeds}; AP = COCO box AP on the validation set, mean ± std over "
            f"seeds; gain = mean AP − mean AP of `none`.", "", "| teacher | teacher AP | AKE AP |", "| --- | ---: | ---: |"]
     for teacher in teachers:
         t, a = prerequisites[teacher]
-        out.append(f"| {teacher} | {t['metrics'].get('AP', float('nan')):.3f} | "
-                   f"{a['metrics'].get('AP', float('nan')):.3f} |")
+        out.append(f"| {teacher} | " + " | ".join("—" if r is None else f"{ap(r):.3f}" for r in (t, a)) + " |")
     out += ["", "| teacher → student | " + " | ".join(methods) + " | " +
             " | ".join(f"gain {m}" for m in methods if m != "none") + " |",
             "| --- | " + " | ".join("---:" for _ in methods) + " | " +
             " | ".join("---:" for m in methods if m != "none") + " |"]
     for teacher, student in itertools.product(teachers, students):
-        stats = {m: mean_std([cells[teacher, student, m, s]["metrics"].get("AP", float("nan")) for s in seeds])
-                 for m in methods}
-        row = [f"{stats[m][0]:.3f} ± {stats[m][1]:.3f}" for m in methods]
-        gains = [f"{stats[m][0] - stats['none'][0]:+.3f}" if "none" in stats else "n/a" for m in methods if m != "none"]
+        values = {m: [ap(r) for r in (cells[teacher, student, m, s] for s in seeds) if r is not None]
+                  for m in methods}
+        row = [cell(values[m]) for m in methods]
+        gains = [f"{statistics.mean(values[m]) - statistics.mean(values['none']):+.3f}"
+                 if values.get("none") and values[m] else "n/a" for m in methods if m != "none"]
         kind = "homogeneous" if family_of(teacher) == family_of(student) else "heterogeneous"
         out.append(f"| {teacher} → {student} ({kind}) | " + " | ".join(row + gains) + " |")
     out += ["", "Commands (each cell's own `result.json` holds its command and wall time):", "", "```",
@@ -1106,8 +1121,8 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
                  "--pretrain-epochs", str(args.pretrain_epochs), "--student-epochs", str(args.student_epochs)]
                 + passed_on_flags(args) + (["--output-dir", root] if args.output_dir else []))]
     for teacher in teachers:  # in the order they ran
-        out += [r["command"] for r in prerequisites[teacher]]
-        out += [r["command"] for (t, *_), r in cells.items() if t == teacher]
+        out += [r["command"] for r in prerequisites[teacher] if r is not None]
+        out += [r["command"] for (t, *_), r in cells.items() if t == teacher and r is not None]
     out += ["```", ""]
     return "\n".join(out)
 
