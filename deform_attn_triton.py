@@ -723,7 +723,7 @@ class MSDeformAttn(nn.Module):
         normalised to [0, 1]; value_input [B, S, D]; padding_mask [B, S] bool (True = padding) or None.
         Returns out [B, Q, D], plus (sampling_locations [B, Q, H, L, P, 2], attention_weights
         [B, Q, H, L, P]) when return_sampling=True."""
-        H, L, P, D = self.n_heads, self.n_levels, self.n_points, self.d_model
+        L, D = self.n_levels, self.d_model
         if query.dim() != 3 or query.shape[-1] != D:
             raise ValueError(f"query: expected shape [B, Q, {D}], got {list(query.shape)}")
         B, Q = query.shape[:2]
@@ -741,23 +741,36 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"padding_mask: expected a bool tensor [{B}, {S}], "
                              f"got {padding_mask.dtype} {list(padding_mask.shape)}")
 
-        value = self.value_proj(value_input)
-        if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)               # padded pixels read 0
-        value = value.view(B, S, H, D // H)
+        locations, weights = self.sampling(query, reference_points, spatial_shapes)
+        out = self.read(value_input, spatial_shapes, level_start_index, locations, weights, padding_mask)
+        return (out, locations, weights) if return_sampling else out
+
+    def sampling(self, query, reference_points, spatial_shapes):
+        """(sampling_locations [B, Q, H, L, P, 2], attention_weights [B, Q, H, L, P]) of `forward`: where each
+        query reads and with what weight. They depend on the queries alone, so a decoder that reads several
+        feature maps with the same queries can compute them once and `read` each map with them."""
+        H, L, P = self.n_heads, self.n_levels, self.n_points
+        B, Q = query.shape[:2]
         offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
         weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
         ref = reference_points[:, :, None, :, None, :]                            # [B, Q, 1, L, 1, 2|4]
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (W_l, H_l)
             wh = spatial_shapes.flip(-1).to(device=offsets.device, dtype=offsets.dtype)   # [L, 2]
-            locations = ref + offsets / wh[None, None, None, :, None, :]
-        else:
-            # offsets are relative to the box: P points spread over half its width/height
-            locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
+            return ref + offsets / wh[None, None, None, :, None, :], weights
+        # offsets are relative to the box: P points spread over half its width/height
+        return ref[..., :2] + offsets / P * ref[..., 2:] * 0.5, weights
+
+    def read(self, value_input, spatial_shapes, level_start_index, locations, weights, padding_mask=None):
+        """out [B, Q, D] of `forward` from `sampling`'s locations and weights: the projected sum of the sampled,
+        projected values of value_input [B, S, D]."""
+        B, S = value_input.shape[:2]
+        value = self.value_proj(value_input)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)               # padded pixels read 0
+        value = value.view(B, S, self.n_heads, self.d_model // self.n_heads)
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, self.backend)
-        out = self.output_proj(out)
-        return (out, locations, weights) if return_sampling else out
+        return self.output_proj(out)
 
 
 # ----------------------------------------------------------------------------------------------

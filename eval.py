@@ -743,7 +743,8 @@ def blend(picture, heat, color):
 
 
 def splat(points, weights, h, w):
-    """Attention mass at normalised (x, y) points (relative to an h x w canvas) -> [h, w] map, nearest pixel."""
+    """Attention mass at normalised (x, y) points (relative to an h x w canvas) -> [h, w] map, nearest pixel;
+    points outside the canvas land on its border (so mass read from outside the image stays visible)."""
     points, weights = points.detach().cpu(), weights.detach().float().cpu()  # the picture is drawn on the CPU
     x = (points[..., 0].flatten() * w).long().clamp(0, w - 1)
     y = (points[..., 1].flatten() * h).long().clamp(0, h - 1)

@@ -1212,6 +1212,50 @@ def test_ake_shapes_and_sampling():
     assert pos_mask.sum(1).tolist() == [3, 1]
 
 
+def plain_decoder_layer(layer, tgt, pos, reference, feats):
+    """Deformable DETR's decoder layer written out op by op, with grid_sample doing the sampling."""
+    B, N, C = tgt.shape
+    H, L, P = layer.cross_attn.n_heads, layer.cross_attn.n_levels, layer.cross_attn.n_points
+    value_in, shapes, starts = flatten_levels(feats)
+    x = layer.norm_self(tgt + layer.self_attn(tgt + pos, tgt + pos, tgt)[0])
+    query = x + pos
+    offsets = F.linear(query, layer.cross_attn.sampling_offsets.weight, layer.cross_attn.sampling_offsets.bias)
+    offsets = offsets.view(B, N, H, L, P, 2)
+    weights = F.softmax(F.linear(query, layer.cross_attn.attention_weights.weight,
+                                 layer.cross_attn.attention_weights.bias).view(B, N, H, L * P), -1)
+    if reference.shape[-1] == 2:   # pixels of each level
+        loc = reference.view(B, N, 1, 1, 1, 2) + offsets / torch.tensor([[w, h] for h, w in SHAPES[:L]]).view(L, 1, 2)
+    else:                          # fractions of half the box
+        loc = reference[..., :2].view(B, N, 1, 1, 1, 2) + offsets / P * reference[..., 2:].view(B, N, 1, 1, 1, 2) / 2
+    value = F.linear(value_in, layer.cross_attn.value_proj.weight, layer.cross_attn.value_proj.bias)
+    out = msda.ms_deform_attn_grid_sample(value.view(B, -1, H, C // H), shapes, starts, loc,
+                                          weights.view(B, N, H, L, P))
+    x = layer.norm_cross(x + F.linear(out, layer.cross_attn.output_proj.weight, layer.cross_attn.output_proj.bias))
+    return layer.norm_ffn(x + layer.ffn(x))
+
+
+def test_decoder_layer_and_its_shared_query_side_match_a_plain_layer():
+    """forward = read(attend(...)) against the op-by-op layer; a query side of batch 1 (image-independent queries:
+    the content generator) and one reused for other levels of the same shapes (teacher -> student) read the same."""
+    g = torch.Generator().manual_seed(30)
+    torch.manual_seed(30)
+    layer = unikd.DecoderLayer(d_model=32, n_heads=4, dim_ffn=64).eval()
+    for p in layer.cross_attn.parameters():   # away from the zero offset/attention init
+        torch.nn.init.normal_(p, std=0.3)
+    teacher, student = feats(2, g), feats(2, g)
+    memory = lambda f: unikd.FeatureMemory(*flatten_levels(f))  # noqa: E731
+    for ref_dim in (2, 4):
+        tgt, pos = torch.randn(1, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
+        reference = torch.rand(1, 5, ref_dim, generator=g) * 0.5 + 0.25
+        batch = [t.expand(2, -1, -1) for t in (tgt, pos, reference)]
+        with torch.no_grad():
+            expected = [plain_decoder_layer(layer, *batch, f) for f in (teacher, student)]
+            torch.testing.assert_close(layer(*batch, memory(teacher))[0], expected[0], rtol=1e-4, atol=1e-5)
+            shared = layer.attend(tgt, pos, reference, memory(teacher).spatial_shapes)   # batch 1
+            for f, want in zip((teacher, student), expected):
+                torch.testing.assert_close(layer.read(shared, memory(f)), want, rtol=1e-4, atol=1e-5)
+
+
 def test_ake_pretraining_overfits_one_batch():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(9)
@@ -1936,14 +1980,13 @@ def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path):
     density, _ = pictures("--density", f"fcos_r18={teacher}")
     assert len(density) == 1 and density[0].shape == (3, 2 * 2 * 64, 4 * 64)
     # students of one family stay apart in the picture: a distilled model.pth is labelled with its method
-    import eval as evaluation
     blob = torch.load(teacher, map_location="cpu", weights_only=False)
     blob["args"] = dict(blob["args"], stage="distill", method="fitnet")
     torch.save(blob, tmp_path / "student_model.pth")
     args = argparse.Namespace(min_size=64, max_size=64)
     dataset = argparse.Namespace(num_classes=9)
-    assert evaluation.named_model(f"fcos_r18={teacher}", dataset, args)[0] == "fcos_r18"
-    assert evaluation.named_model(f"fcos_r18={tmp_path / 'student_model.pth'}", dataset, args)[0] == "fcos_r18 fitnet"
+    assert ev.named_model(f"fcos_r18={teacher}", dataset, args)[0] == "fcos_r18"
+    assert ev.named_model(f"fcos_r18={tmp_path / 'student_model.pth'}", dataset, args)[0] == "fcos_r18 fitnet"
     compare, _ = pictures("--compare", f"fcos_r18={teacher}")
     assert len(compare) == 2 and all(p.shape == (3, 64, 3 * 64) for p in compare)
     res = subprocess.run(base + ["--sampling", teacher, "--out", str(tmp_path / "x")], cwd=cwd, env=env,

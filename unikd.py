@@ -235,13 +235,27 @@ class FeatureMemory(NamedTuple):
     level_start_index: torch.Tensor
 
 
+def level_shapes(feats):
+    """[L, 2] int64 (H_l, W_l) of a list of levels, on their device: the spatial_shapes of MSDA."""
+    return torch.tensor([list(f.shape[-2:]) for f in feats], dtype=torch.int64, device=feats[0].device)
+
+
 def feedforward(d_model, dim_ffn, dropout):
     return nn.Sequential(nn.Linear(d_model, dim_ffn), nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(dim_ffn, d_model))
 
 
+class Attended(NamedTuple):
+    """The query side of a decoder layer, everything before it reads the feature levels: it depends on the queries
+    alone, so a layer reading the teacher's and the student's levels with the same queries computes it once."""
+    tgt: torch.Tensor        # [B, N, C] after self-attention
+    locations: torch.Tensor  # [B, N, H, L, P, 2] MSDA sampling locations
+    weights: torch.Tensor    # [B, N, H, L, P] MSDA attention weights
+
+
 class DecoderLayer(nn.Module):
-    """Self-attention among the queries, deformable cross-attention into the feature levels, FFN (Deformable DETR)."""
+    """Self-attention among the queries, deformable cross-attention into the feature levels, FFN (Deformable DETR).
+    forward = read(attend(queries), levels)."""
 
     def __init__(self, d_model=256, n_heads=8, n_levels=4, n_points=4, dim_ffn=1024, dropout=0.0):
         super().__init__()
@@ -254,19 +268,28 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt, query_pos, reference, memory, return_sampling=False):
-        """tgt [B, N, C]; query_pos [B, N, C] or None; reference [B, N, 2|4] normalised; -> (tgt, sampling or None)."""
+        """tgt [B, N, C]; query_pos [B, N, C] or None; reference [B, N, 2|4] normalised; -> (tgt, sampling or None),
+        sampling = (locations [B, N, H, L, P, 2], attention weights [B, N, H, L, P])."""
+        attended = self.attend(tgt, query_pos, reference, memory.spatial_shapes)
+        return self.read(attended, memory), (attended.locations, attended.weights) if return_sampling else None
+
+    def attend(self, tgt, query_pos, reference, spatial_shapes):
+        """The query side -> Attended: self-attention, then where and how strongly each query reads each level."""
         q = k = tgt if query_pos is None else tgt + query_pos
         tgt = self.norm_self(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
         query = tgt if query_pos is None else tgt + query_pos
-        levels = memory.spatial_shapes.shape[0]
         # one normalised reference for every level: no padding masks here (valid ratio 1), see DESIGN.md
-        ref = reference[:, :, None].expand(-1, -1, levels, -1)                              # [B, N, L, 2|4]
-        out = self.cross_attn(query, ref, memory.value, memory.spatial_shapes, memory.level_start_index,
-                              return_sampling=return_sampling)
-        out, sampling = (out[0], out[1:]) if return_sampling else (out, None)
+        ref = reference[:, :, None].expand(-1, -1, spatial_shapes.shape[0], -1)          # [B, N, L, 2|4]
+        return Attended(tgt, *self.cross_attn.sampling(query, ref, spatial_shapes))
+
+    def read(self, attended, memory):
+        """The feature side: cross-attention into memory's levels with attended's locations, then the FFN ->
+        [B, N, C]. An Attended of batch 1 serves every image of memory (queries that do not depend on the image)."""
+        B = memory.value.shape[0]
+        tgt, locations, weights = (t.expand(B, *t.shape[1:]) for t in attended)
+        out = self.cross_attn.read(memory.value, memory.spatial_shapes, memory.level_start_index, locations, weights)
         tgt = self.norm_cross(tgt + self.dropout(out))
-        tgt = self.norm_ffn(tgt + self.dropout(self.ffn(tgt)))
-        return tgt, sampling
+        return self.norm_ffn(tgt + self.dropout(self.ffn(tgt)))
 
 
 class EncoderLayer(nn.Module):
@@ -382,27 +405,39 @@ class AKE(nn.Module):
     def generate_queries(self, teacher_feats, boxes=None):
         """Eq. (4): q = f(E or E', F^T) -> Queries. `boxes` [B, N, 4] (B^, cxcywh) is required for kind='positional'."""
         B = teacher_feats[0].shape[0]
-        pos = self.query_pos(B)
+        memory = self.memory(teacher_feats)
         if self.kind == "content":
-            tgt = self.query_embed.weight[:, self.d_model:][None].expand(B, -1, -1)      # E      [B, N, C]
-            reference = self.reference_points(pos).float().sigmoid()                     #        [B, N, 2]
-        else:
-            if boxes is None:
-                raise ValueError("the positional AKE needs the sampled boxes B^ [B, N, 4] (see sample_query_boxes)")
-            reference = boxes.float()  # float32 even under autocast: bf16 would move a box by up to 1/256
-            tgt = self.box_embed(reference)                                              # E'     [B, N, C]
-        q, _ = self.query_generator(tgt, pos, reference, self.memory(teacher_feats))
+            # E, its positional embedding and the reference points are the same for every image: the query side of
+            # f_ct (self-attention, sampling locations and weights) runs once, for a batch of 1
+            pos = self.query_pos(1)
+            tgt = self.query_embed.weight[None, :, self.d_model:]                        # E      [1, N, C]
+            reference = self.reference_points(pos).float().sigmoid()                     #        [1, N, 2]
+            attended = self.query_generator.attend(tgt, pos, reference, memory.spatial_shapes)
+            return Queries(self.query_generator.read(attended, memory), reference.expand(B, -1, -1))
+        if boxes is None:
+            raise ValueError("the positional AKE needs the sampled boxes B^ [B, N, 4] (see sample_query_boxes)")
+        reference = boxes.float()  # float32 even under autocast: bf16 would move a box by up to 1/256
+        q, _ = self.query_generator(self.box_embed(reference), None, reference, memory)   # E' = FC(B^) [B, N, C]
         return Queries(q, reference)
 
-    def extract(self, queries, feats, return_sampling=False):
+    def attend(self, queries, spatial_shapes):
+        """The query side of f_e's first layer -> Attended. The same for F^T and phi(F^S) (Eq. 7 reads both with
+        the same queries), so distillation computes it once; `extract(..., attended=)` takes it."""
+        pos = self.query_pos(queries.tgt.shape[0])
+        return self.extractor[0].attend(queries.tgt, pos, queries.reference, spatial_shapes)
+
+    def extract(self, queries, feats, return_sampling=False, attended=None):
         """Eq. (5): z = f_e(q, F*) -> [B, N, C]. With return_sampling, also the list over f_e's layers of
-        (sampling_locations [B, N, H, L, P, 2], attention_weights [B, N, H, L, P]): where the queries look (Fig. 4)."""
+        (sampling_locations [B, N, H, L, P, 2], attention_weights [B, N, H, L, P]): where the queries look (Fig. 4).
+        attended: `attend(queries, ...)` for levels of these spatial shapes, if already computed."""
         memory = self.memory(feats)
         pos = self.query_pos(queries.tgt.shape[0])
         z, samplings = queries.tgt, []
-        for layer in self.extractor:
-            z, sampling = layer(z, pos, queries.reference, memory, return_sampling)
-            samplings.append(sampling)
+        for i, layer in enumerate(self.extractor):
+            a = attended if i == 0 and attended is not None else \
+                layer.attend(z, pos, queries.reference, memory.spatial_shapes)
+            z = layer.read(a, memory)
+            samplings.append((a.locations, a.weights))
         return (z, samplings) if return_sampling else z
 
     def head(self, z, queries):
@@ -515,35 +550,47 @@ class UniKD(nn.Module):
         q = self.ake_ct.generate_queries(teacher_feats)
         return self.ake_ct.head(self.ake_ct.extract(q, teacher_feats), q)
 
-    @torch.no_grad()
     def teacher_knowledge(self, teacher_feats, targets, generator=None):
         """Everything Eq. (7) needs from the teacher: queries (generated once from F^T), z^T and the positive masks."""
+        return self.teacher_side(teacher_feats, targets, generator)[0]
+
+    @torch.no_grad()
+    def teacher_side(self, teacher_feats, targets, generator=None):
+        """-> (Knowledge, (Attended of the content extractor, of the positional one)): the knowledge and the query
+        side of both extractors' first layers, which the student side can reuse for levels of the same shapes."""
         device = teacher_feats[0].device
         boxes, pos_mask_pos = self.sample_boxes(targets, device, generator)
         q_ct = self.ake_ct.generate_queries(teacher_feats)
         q_pos = self.ake_pos.generate_queries(teacher_feats, boxes)
-        z_ct = self.ake_ct.extract(q_ct, teacher_feats)
-        z_pos = self.ake_pos.extract(q_pos, teacher_feats)
+        spatial_shapes = level_shapes(teacher_feats)
+        attended = self.ake_ct.attend(q_ct, spatial_shapes), self.ake_pos.attend(q_pos, spatial_shapes)
+        z_ct = self.ake_ct.extract(q_ct, teacher_feats, attended=attended[0])
+        z_pos = self.ake_pos.extract(q_pos, teacher_feats, attended=attended[1])
         # content positives: the queries the teacher's own predictions FFN(z_ct^T) match to a GT
         logits, pred = self.ake_ct.head(z_ct, q_ct)
         pos_mask_ct = torch.zeros_like(pos_mask_pos)
         for b, (src, _) in enumerate(self.matcher(logits, pred, targets)):
             pos_mask_ct[b, src.to(device)] = True
-        return Knowledge(q_ct.tgt, q_ct.reference, q_pos.tgt, q_pos.reference, z_ct, z_pos, pos_mask_ct, pos_mask_pos)
+        knowledge = Knowledge(q_ct.tgt, q_ct.reference, q_pos.tgt, q_pos.reference, z_ct, z_pos, pos_mask_ct,
+                              pos_mask_pos)
+        return knowledge, attended
 
-    def student_loss(self, knowledge, student_feats, lambda_ct=10.0, lambda_pos=10.0):
+    def student_loss(self, knowledge, student_feats, lambda_ct=10.0, lambda_pos=10.0, attended=(None, None)):
         """Eq. (7): the frozen extractors read phi(F^S) with the teacher's queries; gradients reach only the student
-        features (and through them phi and the student) -> {"loss_kd_ct", "loss_kd_pos"}."""
+        features (and through them phi and the student) -> {"loss_kd_ct", "loss_kd_pos"}. attended: teacher_side's
+        query sides, valid for student levels of the teacher's shapes (recomputed when None)."""
         k = knowledge
-        z_ct = self.ake_ct.extract(Queries(k.queries_ct, k.reference_ct), student_feats)
-        z_pos = self.ake_pos.extract(Queries(k.queries_pos, k.boxes), student_feats)
+        z_ct = self.ake_ct.extract(Queries(k.queries_ct, k.reference_ct), student_feats, attended=attended[0])
+        z_pos = self.ake_pos.extract(Queries(k.queries_pos, k.boxes), student_feats, attended=attended[1])
         return {"loss_kd_ct": lambda_ct * decoupled_mse(z_ct, k.z_ct, k.pos_mask_ct),
                 "loss_kd_pos": lambda_pos * decoupled_mse(z_pos, k.z_pos, k.pos_mask_pos)}
 
     def distill_loss(self, teacher_feats, student_feats, targets, lambda_ct=10.0, lambda_pos=10.0, generator=None):
         """Online Eq. (7): student_loss(teacher_knowledge(...), ...). student_feats are the adapted phi(F^S)."""
-        knowledge = self.teacher_knowledge(teacher_feats, targets, generator)
-        return self.student_loss(knowledge, student_feats, lambda_ct, lambda_pos)
+        knowledge, attended = self.teacher_side(teacher_feats, targets, generator)
+        if [f.shape[-2:] for f in student_feats] != [f.shape[-2:] for f in teacher_feats]:
+            attended = (None, None)  # other level sizes: other sampling locations (offsets are in pixels)
+        return self.student_loss(knowledge, student_feats, lambda_ct, lambda_pos, attended)
 
     def freeze(self):
         """Stage 2: AKE weights fixed (sec. 3.2.3): no gradients (stale stage-1 ones dropped), eval mode, and train()
