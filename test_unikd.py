@@ -1940,6 +1940,9 @@ def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
         assert col == f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
     assert cols[3] == f"{np.mean([aps['unikd', 0], aps['unikd', 1]]) - np.mean([aps['none', 0], aps['none', 1]]):+.3f}"
     assert "heterogeneous" in row and "python train.py --stage grid" in md
+    teacher_ap = json.loads((root / "teacher_fcos_r18" / "result.json").read_text())["metrics"]["AP"]
+    weaker = teacher_ap <= np.mean([aps["none", 0], aps["none", 1]])
+    assert ("Note: fcos_r18 (AP" in md and "not stronger than retinanet_r18" in md) == weaker
     # a cell removed: --report trains nothing and shows the seeds that remain; a rerun runs only that cell
     shutil.rmtree(root / "fcos_r18__retinanet_r18__unikd__s1")
     report = run(grid + ["--report"], tmp_path)
@@ -1955,6 +1958,27 @@ def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
     assert len(ran) == 1 and "--method unikd" in ran[0] and "--seed 1" in ran[0]
     assert_user_error(run(grid[:-len(TINY_PIPELINE)] + ["--methods", "none,distil"] + TINY_PIPELINE, tmp_path),
                       "--methods", "distil")
+
+
+def test_grid_table_flags_a_teacher_weaker_than_its_student_and_partial_cells():
+    import train
+    args = train.get_args_parser().parse_args(["--teacher-epochs", "1", "--pretrain-epochs", "1",
+                                               "--student-epochs", "1"])
+    result = lambda ap: {"metrics": {"AP": ap}, "command": "python train.py ..."}  # noqa: E731
+    prerequisites = {"fcos_r50": (result(0.05), result(0.01)), "retinanet_r50": (result(0.01), None)}
+    cells = {("fcos_r50", "fcos_r18", "none", 0): result(0.02), ("fcos_r50", "fcos_r18", "none", 1): result(0.04),
+             ("fcos_r50", "fcos_r18", "unikd", 0): result(0.05), ("fcos_r50", "fcos_r18", "unikd", 1): None,
+             ("retinanet_r50", "fcos_r18", "none", 0): result(0.02), ("retinanet_r50", "fcos_r18", "none", 1): None,
+             ("retinanet_r50", "fcos_r18", "unikd", 0): None, ("retinanet_r50", "fcos_r18", "unikd", 1): None}
+    md = train.grid_table(args, "runs/grid", prerequisites, cells, ["fcos_r50", "retinanet_r50"], ["fcos_r18"],
+                          ["none", "unikd"], [0, 1])
+    rows = {l.split(" |")[0]: [c.strip() for c in l.strip("|").split("|")] for l in md.splitlines() if "→" in l}
+    assert rows["| fcos_r50 → fcos_r18 (homogeneous)"][1:] == [
+        f"0.030 ± {np.std([0.02, 0.04], ddof=1):.3f}", "0.050 ± 0.000 (1/2 seeds)", "+0.020"]
+    assert rows["| retinanet_r50 → fcos_r18 (heterogeneous)"][1:] == ["0.020 ± 0.000 (1/2 seeds)", "—", "n/a"]
+    assert "| retinanet_r50 | 0.010 | — |" in md
+    notes = [l for l in md.splitlines() if l.startswith("Note:")]
+    assert len(notes) == 1 and notes[0].startswith("Note: retinanet_r50 (AP 0.010) is not stronger than fcos_r18")
 
 
 def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path):

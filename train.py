@@ -1106,6 +1106,7 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
             " | ".join(f"gain {m}" for m in methods if m != "none") + " |",
             "| --- | " + " | ".join("---:" for _ in methods) + " | " +
             " | ".join("---:" for m in methods if m != "none") + " |"]
+    weaker = []
     for teacher, student in itertools.product(teachers, students):
         values = {m: [ap(r) for r in (cells[teacher, student, m, s] for s in seeds) if r is not None]
                   for m in methods}
@@ -1114,6 +1115,11 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
                  if values.get("none") and values[m] else "n/a" for m in methods if m != "none"]
         kind = "homogeneous" if family_of(teacher) == family_of(student) else "heterogeneous"
         out.append(f"| {teacher} → {student} ({kind}) | " + " | ".join(row + gains) + " |")
+        t = prerequisites[teacher][0]
+        if t is not None and values.get("none") and ap(t) <= statistics.mean(values["none"]):
+            weaker.append(f"{teacher} (AP {ap(t):.3f}) is not stronger than {student} without KD (AP "
+                          f"{statistics.mean(values['none']):.3f}): nothing to distil; give it more --teacher-epochs.")
+    out += [""] + [f"Note: {line}" for line in weaker] if weaker else []
     out += ["", "Commands (each cell's own `result.json` holds its command and wall time):", "", "```",
             "python train.py --stage grid " + " ".join(
                 ["--teachers", ",".join(teachers), "--students", ",".join(students), "--methods", ",".join(methods),
