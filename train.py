@@ -977,7 +977,7 @@ def run_step(args, device, out_dir, argv):
     if os.path.isfile(result_file):
         with open(result_file) as f:
             return dict(json.load(f), skipped=True)
-    if getattr(args, "report", False):  # --stage grid --report: only what has finished
+    if args.stage == "grid" and args.report:  # only what has finished
         return None
     argv = argv + passed_on_flags(args) + ["--output-dir", out_dir]
     step = get_args_parser().parse_args(argv)
@@ -1119,7 +1119,7 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
         if t is not None and values.get("none") and ap(t) <= statistics.mean(values["none"]):
             weaker.append(f"{teacher} (AP {ap(t):.3f}) is not stronger than {student} without KD (AP "
                           f"{statistics.mean(values['none']):.3f}): nothing to distil; give it more --teacher-epochs.")
-    out += [""] + [f"Note: {line}" for line in weaker] if weaker else []
+    out += ([""] + [f"Note: {line}" for line in weaker]) if weaker else []
     out += ["", "Commands (each cell's own `result.json` holds its command and wall time):", "", "```",
             "python train.py --stage grid " + " ".join(
                 ["--teachers", ",".join(teachers), "--students", ",".join(students), "--methods", ",".join(methods),
