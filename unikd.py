@@ -588,8 +588,9 @@ class UniKD(nn.Module):
     def distill_loss(self, teacher_feats, student_feats, targets, lambda_ct=10.0, lambda_pos=10.0, generator=None):
         """Online Eq. (7): student_loss(teacher_knowledge(...), ...). student_feats are the adapted phi(F^S)."""
         knowledge, attended = self.teacher_side(teacher_feats, targets, generator)
-        if [f.shape[-2:] for f in student_feats] != [f.shape[-2:] for f in teacher_feats]:
-            attended = (None, None)  # other level sizes: other sampling locations (offsets are in pixels)
+        if not self.frozen or [f.shape[-2:] for f in student_feats] != [f.shape[-2:] for f in teacher_feats]:
+            # a trainable AKE needs its query side with gradients; other level sizes give other sampling locations
+            attended = (None, None)
         return self.student_loss(knowledge, student_feats, lambda_ct, lambda_pos, attended)
 
     def freeze(self):
