@@ -100,7 +100,7 @@ def get_args_parser():
                    help="--stage distill: instead of training, time STEPS online KD steps against teacher forward + "
                         "student step (no KD) on the same batches, print the medians and their ratio")
     # demo and grid (the paper's Table 2 in miniature): schedules of their steps
-    p.add_argument("--teachers", default="retinanet_r50,faster_rcnn_r50", help="--stage grid: teacher detectors")
+    p.add_argument("--teachers", default="fcos_r34,faster_rcnn_r50", help="--stage grid: teacher detectors")
     p.add_argument("--students", default="retinanet_r18,fcos_r18", help="--stage grid: student detectors")
     p.add_argument("--methods", default="none,fitnet,unikd", help="--stage grid: distillation methods")
     p.add_argument("--seeds", default="0,1,2", help="--stage grid: student seeds (teacher and AKE: seed 0)")
