@@ -235,11 +235,6 @@ class FeatureMemory(NamedTuple):
     level_start_index: torch.Tensor
 
 
-def level_shapes(feats):
-    """[L, 2] int64 (H_l, W_l) of a list of levels, on their device: the spatial_shapes of MSDA."""
-    return torch.tensor([list(f.shape[-2:]) for f in feats], dtype=torch.int64, device=feats[0].device)
-
-
 def feedforward(d_model, dim_ffn, dropout):
     return nn.Sequential(nn.Linear(d_model, dim_ffn), nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(dim_ffn, d_model))
@@ -390,7 +385,10 @@ class AKE(nn.Module):
         nn.init.zeros_(self.box_head.layers[-1].bias)
 
     def memory(self, feats):
-        """Level list -> FeatureMemory; each level gets its learned level embedding (the value input of MSDA)."""
+        """Level list -> FeatureMemory; each level gets its learned level embedding (the value input of MSDA).
+        A FeatureMemory (this AKE's, already made) is returned as it is, so one serves several calls."""
+        if isinstance(feats, FeatureMemory):
+            return feats
         if len(feats) != self.n_levels:
             raise ValueError(f"AKE expects {self.n_levels} feature levels, got {len(feats)}")
         feats = [f + e[None, :, None, None].to(f.dtype) for f, e in zip(feats, self.level_embed)]
@@ -404,8 +402,8 @@ class AKE(nn.Module):
 
     def generate_queries(self, teacher_feats, boxes=None):
         """Eq. (4): q = f(E or E', F^T) -> Queries. `boxes` [B, N, 4] (B^, cxcywh) is required for kind='positional'."""
-        B = teacher_feats[0].shape[0]
         memory = self.memory(teacher_feats)
+        B = memory.value.shape[0]
         if self.kind == "content":
             # E, its positional embedding and the reference points are the same for every image: the query side of
             # f_ct (self-attention, sampling locations and weights) runs once, for a batch of 1
@@ -560,12 +558,14 @@ class UniKD(nn.Module):
         side of both extractors' first layers, which the student side can reuse for levels of the same shapes."""
         device = teacher_feats[0].device
         boxes, pos_mask_pos = self.sample_boxes(targets, device, generator)
-        q_ct = self.ake_ct.generate_queries(teacher_feats)
-        q_pos = self.ake_pos.generate_queries(teacher_feats, boxes)
-        spatial_shapes = level_shapes(teacher_feats)
-        attended = self.ake_ct.attend(q_ct, spatial_shapes), self.ake_pos.attend(q_pos, spatial_shapes)
-        z_ct = self.ake_ct.extract(q_ct, teacher_feats, attended=attended[0])
-        z_pos = self.ake_pos.extract(q_pos, teacher_feats, attended=attended[1])
+        # each AKE's flattened teacher levels serve its query generator and its extractor
+        memory_ct, memory_pos = self.ake_ct.memory(teacher_feats), self.ake_pos.memory(teacher_feats)
+        q_ct = self.ake_ct.generate_queries(memory_ct)
+        q_pos = self.ake_pos.generate_queries(memory_pos, boxes)
+        attended = (self.ake_ct.attend(q_ct, memory_ct.spatial_shapes),
+                    self.ake_pos.attend(q_pos, memory_pos.spatial_shapes))
+        z_ct = self.ake_ct.extract(q_ct, memory_ct, attended=attended[0])
+        z_pos = self.ake_pos.extract(q_pos, memory_pos, attended=attended[1])
         # content positives: the queries the teacher's own predictions FFN(z_ct^T) match to a GT
         logits, pred = self.ake_ct.head(z_ct, q_ct)
         pos_mask_ct = torch.zeros_like(pos_mask_pos)
