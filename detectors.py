@@ -12,6 +12,7 @@ Two things live here:
 """
 import math
 import os
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
@@ -27,12 +28,15 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 FAMILIES = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
 BACKBONES = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101", "x101": "resnext101_32x8d"}
-V2_NAMES = ("retinanet_r50_v2", "faster_rcnn_r50_v2", "mask_rcnn_r50_v2")
+# torchvision's v2 recipes: RetinaNet v2 (GroupNorm head, GIoU box loss, P6 from C5) for every backbone here; the
+# R-CNN v2s (R50 only) as torchvision builds them.
+V2_NAMES = tuple(f"retinanet_{backbone}_v2" for backbone in BACKBONES) + ("faster_rcnn_r50_v2", "mask_rcnn_r50_v2")
 MODEL_NAMES = [f"{family}_{backbone}" for family in FAMILIES for backbone in BACKBONES] + list(V2_NAMES)
 
 # The R50 models torchvision ships a builder (and COCO weights) for; the others are assembled from the same parts.
@@ -94,6 +98,11 @@ def canonical_name(name: str) -> str:
     return key
 
 
+def backbone_arch(name: str) -> str:
+    """'retinanet_r18_v2' -> 'resnet18': the torchvision name of the model's backbone."""
+    return BACKBONES[canonical_name(name).removesuffix("_v2").rsplit("_", 1)[-1]]
+
+
 def family_of(name: str) -> str:
     name = canonical_name(name)
     return next(f for f in FAMILIES if name.startswith(f + "_"))
@@ -148,7 +157,8 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
         model = builder(weights=coco_weights, weights_backbone=backbone_weights,
                         num_classes=None if coco_weights is not None else num_classes, **kwargs)
     else:
-        model = _build_from_parts(family, BACKBONES[name.split("_")[-1]], num_classes, backbone_weights, kwargs)
+        model = _build_from_parts(family, backbone_arch(name), num_classes, backbone_weights, kwargs,
+                                  v2=name.endswith("_v2"))
 
     # Set after construction: the _v2 builders create their own anchor generator and do not take one.
     anchor_generator = anchor_generator or _scaled_anchor_generator(family, scale)
@@ -165,8 +175,8 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
     return model
 
 
-def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs):
-    """Same recipe as torchvision's *_resnet50_fpn builders, for the other ResNets."""
+def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, v2=False):
+    """Same recipe as torchvision's *_resnet50_fpn builders (RetinaNet: *_v2 with v2), for the other ResNets."""
     kwargs = dict(kwargs)
     pretrained = backbone_weights is not None
     trainable = kwargs.pop("trainable_backbone_layers", None)
@@ -174,14 +184,22 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs):
     # Frozen BN only makes sense with pretrained statistics; from scratch, BN must learn them.
     norm_layer = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     if family in ("retinanet", "fcos"):
-        # C3-C5 -> P3-P5, P6/P7 from P5 (RetinaNet/FCOS papers skip P2: too many anchors)
+        # C3-C5 -> P3-P5, P6/P7 from P5 (RetinaNet/FCOS papers skip P2: too many anchors); RetinaNet v2: from C5
+        c5 = 512 if arch in ("resnet18", "resnet34") else 2048
         backbone = resnet_fpn_backbone(backbone_name=arch, weights=backbone_weights, norm_layer=norm_layer,
                                        trainable_layers=trainable, returned_layers=[2, 3, 4],
-                                       extra_blocks=LastLevelP6P7(256, 256))
+                                       extra_blocks=LastLevelP6P7(c5 if v2 else 256, 256))
     else:
         # C2-C5 -> P2-P5, 'pool' = P6 by max-pooling P5 (LastLevelMaxPool)
         backbone = resnet_fpn_backbone(backbone_name=arch, weights=backbone_weights, norm_layer=norm_layer,
                                        trainable_layers=trainable)
+    if v2:  # only RetinaNet reaches here with v2 (the R-CNN v2s are torchvision's R50 builders)
+        # GroupNorm in the head's towers keeps their activations at unit scale: without it, four std-0.01 convs
+        # shrink the FPN signal ~100x and a from-scratch head's logits stay at the focal-loss prior for hundreds
+        # of iterations (measured: README "Design notes"); FCOS's head has had GroupNorm all along.
+        head = RetinaNetHead(backbone.out_channels, 9, num_classes, norm_layer=partial(nn.GroupNorm, 32))
+        head.regression_head._loss_type = "giou"
+        kwargs["head"] = head
     cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}[family]
     return cls(backbone, num_classes=num_classes, **kwargs)
 
@@ -265,7 +283,7 @@ def _coco_weights(name, weights):
 def _backbone_weights(name, weights_backbone):
     if weights_backbone is None:
         return None
-    arch = BACKBONES[name.split("_")[-1] if not name.endswith("_v2") else "r50"]
+    arch = backbone_arch(name)
     enum = torchvision.models.get_model_weights(arch)
     try:
         return enum.verify(weights_backbone)

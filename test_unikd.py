@@ -624,10 +624,25 @@ def test_gt_box_lands_on_the_same_feature_cell_in_teacher_and_students():
 
 def test_every_family_gets_the_same_transform():
     configs = {name: detectors.transform_config(build(name)) for name in
-               ["retinanet_r18", "fcos_r18", "faster_rcnn_r18", "mask_rcnn_r18", "retinanet_r50_v2",
-                "faster_rcnn_r50_v2", "mask_rcnn_r50_v2"]}
+               ["retinanet_r18", "fcos_r18", "faster_rcnn_r18", "mask_rcnn_r18", "retinanet_r18_v2",
+                "retinanet_r50_v2", "faster_rcnn_r50_v2", "mask_rcnn_r50_v2"]}
     assert len({json.dumps(c) for c in configs.values()}) == 1
     assert next(iter(configs.values()))["size_divisible"] == 64
+
+
+def test_retinanet_v2_head_keeps_its_signal_at_init():
+    """RetinaNet v2 (any backbone): GroupNorm towers, GIoU box loss, P6 from C5, like torchvision's R50 v2. The
+    point of the GroupNorm: at init, v1's four std-0.01 convs shrink unit-scale FPN features ~100x (each layer
+    x ~sqrt(2304 / 2) * 0.01 = 0.34), v2's towers end at unit scale."""
+    torch.manual_seed(0)
+    v1, v2 = build("retinanet_r18"), build("retinanet_r18_v2")
+    ours, ref = v2.head, torchvision.models.detection.retinanet_resnet50_fpn_v2(num_classes=5).head
+    assert [type(m) for m in ours.modules()] == [type(m) for m in ref.modules()]
+    assert ours.regression_head._loss_type == "giou" and v1.head.regression_head._loss_type == "l1"
+    assert v2.backbone.fpn.extra_blocks.p6.in_channels == 512 and v1.backbone.fpn.extra_blocks.p6.in_channels == 256
+    x = [torch.randn(2, 256, 8, 8)]
+    std = [m.head.classification_head.conv(x[0]).std().item() for m in (v1, v2)]
+    assert std[0] < 0.02 < 0.3 < std[1]
 
 
 def test_small_image_settings_and_torchvision_defaults_at_800():
@@ -649,6 +664,8 @@ def test_small_image_settings_and_torchvision_defaults_at_800():
 def test_names_and_weights_errors():
     assert detectors.canonical_name("fcos") == "fcos_r50"
     assert detectors.canonical_name("retinanet_v2") == "retinanet_r50_v2"
+    assert detectors.backbone_arch("retinanet_r18_v2") == "resnet18"
+    assert detectors.backbone_arch("faster_rcnn_v2") == detectors.backbone_arch("mask_rcnn_r50") == "resnet50"
     with pytest.raises(ValueError, match="fcos_r18.*mask_rcnn_r50_v2"):
         detectors.canonical_name("yolo_r18")
     with pytest.raises(ValueError, match="no COCO weights for fcos_r18.*retinanet_r50"):

@@ -398,16 +398,12 @@ def build_model(name, num_classes, flag, **kwargs):
         raise UserError(f"{flag}: {e}")
 
 
-def family_of(name):
-    return detectors.canonical_name(name).rsplit("_r", 1)[0].rsplit("_x", 1)[0]
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # --stage train: a plain detector
 
 def stage_train(args, device):
     name = model_name(args.model, "--model")
-    family = family_of(name)
+    family = detectors.family_of(name)
     set_schedule_defaults(args, family, epochs=12)
     resume = prepare_output_dir(args, f"train_{name}")
     train_ds, train_loader, val_loader = build_data(args, with_masks=family == "mask_rcnn")
@@ -480,7 +476,7 @@ def stage_pretrain(args, device):
     weights = args.teacher_weights or default_teacher_weights(name)
     if os.path.exists(weights):  # a path (not DEFAULT): absolute, so ake.pth works from any folder
         weights = os.path.abspath(weights)
-    set_schedule_defaults(args, family_of(name), epochs=15, optimizer="adamw")
+    set_schedule_defaults(args, detectors.family_of(name), epochs=15, optimizer="adamw")
     args.clip_grad = 0.1 if args.clip_grad is None else args.clip_grad
     resume = prepare_output_dir(args, f"pretrain_{name}")
     train_ds, train_loader, val_loader = build_data(args, with_masks=False)
@@ -577,7 +573,7 @@ class Distiller(torch.nn.Module):
 
 def stage_distill(args, device):
     student_name = model_name(args.student, "--student")
-    set_schedule_defaults(args, family_of(student_name), epochs=12)
+    set_schedule_defaults(args, detectors.family_of(student_name), epochs=12)
     store = None
     if args.offline:
         if args.method != "unikd":
@@ -589,7 +585,7 @@ def stage_distill(args, device):
     resume = None if args.kd_cost else prepare_output_dir(args, f"distill_{student_name}{suffix}")
     log(args, f"AKE: {ake_path}" + ("" if args.ake else " (the store's)" if store else
                                     " (newest runs/pretrain_*/ake.pth; pass --ake to choose)"))
-    train_ds, train_loader, val_loader = build_data(args, with_masks=family_of(student_name) == "mask_rcnn")
+    train_ds, train_loader, val_loader = build_data(args, with_masks=detectors.family_of(student_name) == "mask_rcnn")
     blob = load_ake(ake_path, train_ds.num_classes, teacher=None if store else args.teacher)  # store: checked below
     if (blob["min_size"], blob["max_size"]) != (args.min_size, args.max_size):
         log(args, f"note: AKE pretrained at min/max size {blob['min_size']}/{blob['max_size']}, "
@@ -1113,7 +1109,7 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
         row = [cell(values[m]) for m in methods]
         gains = [f"{statistics.mean(values[m]) - statistics.mean(values['none']):+.3f}"
                  if values.get("none") and values[m] else "n/a" for m in methods if m != "none"]
-        kind = "homogeneous" if family_of(teacher) == family_of(student) else "heterogeneous"
+        kind = "homogeneous" if detectors.family_of(teacher) == detectors.family_of(student) else "heterogeneous"
         out.append(f"| {teacher} → {student} ({kind}) | " + " | ".join(row + gains) + " |")
         t = prerequisites[teacher][0]
         if t is not None and values.get("none") and ap(t) <= statistics.mean(values["none"]):
