@@ -1942,15 +1942,15 @@ def test_demo_runs_end_to_end_and_a_rerun_skips_its_steps(tmp_path):
 
 
 def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
-    grid = ["--stage", "grid", "--teachers", "fcos_r18", "--students", "retinanet_r18", "--methods", "none,unikd",
+    grid = ["--stage", "grid", "--teachers", "fcos_r18", "--students", "retinanet_r18_v2", "--methods", "none,unikd",
             "--seeds", "0,1"] + TINY_PIPELINE
     res = run(grid, tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     root = tmp_path / "runs" / "grid"
-    aps = {(m, s): json.loads((root / f"fcos_r18__retinanet_r18__{m}__s{s}" / "result.json").read_text())["metrics"]["AP"]
-           for m in ("none", "unikd") for s in (0, 1)}
+    aps = {(m, s): json.loads((root / f"fcos_r18__retinanet_r18_v2__{m}__s{s}" / "result.json").read_text())
+           ["metrics"]["AP"] for m in ("none", "unikd") for s in (0, 1)}
     md = (root / "results.md").read_text()
-    row = next(l for l in md.splitlines() if l.startswith("| fcos_r18 → retinanet_r18"))
+    row = next(l for l in md.splitlines() if l.startswith("| fcos_r18 → retinanet_r18_v2"))
     cols = [c.strip() for c in row.strip("|").split("|")]
     for col, m in zip(cols[1:3], ("none", "unikd")):
         values = np.array([aps[m, 0], aps[m, 1]])
@@ -1959,13 +1959,14 @@ def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
     assert "heterogeneous" in row and "python train.py --stage grid" in md
     teacher_ap = json.loads((root / "teacher_fcos_r18" / "result.json").read_text())["metrics"]["AP"]
     weaker = teacher_ap <= np.mean([aps["none", 0], aps["none", 1]])
-    assert ("Note: fcos_r18 (AP" in md and "not stronger than retinanet_r18" in md) == weaker
+    assert ("Note: fcos_r18 (AP" in md and "not stronger than retinanet_r18_v2" in md) == weaker
     # a cell removed: --report trains nothing and shows the seeds that remain; a rerun runs only that cell
-    shutil.rmtree(root / "fcos_r18__retinanet_r18__unikd__s1")
+    shutil.rmtree(root / "fcos_r18__retinanet_r18_v2__unikd__s1")
     report = run(grid + ["--report"], tmp_path)
     assert report.returncode == 0 and "== " not in report.stdout, report.stderr[-3000:]
-    assert not (root / "fcos_r18__retinanet_r18__unikd__s1").exists()
-    row = next(l for l in (root / "results.md").read_text().splitlines() if l.startswith("| fcos_r18 → retinanet_r18"))
+    assert not (root / "fcos_r18__retinanet_r18_v2__unikd__s1").exists()
+    row = next(l for l in (root / "results.md").read_text().splitlines()
+               if l.startswith("| fcos_r18 → retinanet_r18_v2"))
     cols = [c.strip() for c in row.strip("|").split("|")]
     assert cols[2] == f"{aps['unikd', 0]:.3f} ± 0.000 (1/2 seeds)"
     assert cols[3] == f"{aps['unikd', 0] - np.mean([aps['none', 0], aps['none', 1]]):+.3f}"

@@ -101,7 +101,7 @@ def get_args_parser():
                         "student step (no KD) on the same batches, print the medians and their ratio")
     # demo and grid (the paper's Table 2 in miniature): schedules of their steps
     p.add_argument("--teachers", default="fcos_r34,faster_rcnn_r50", help="--stage grid: teacher detectors")
-    p.add_argument("--students", default="retinanet_r18,fcos_r18", help="--stage grid: student detectors")
+    p.add_argument("--students", default="retinanet_r18_v2,fcos_r18", help="--stage grid: student detectors")
     p.add_argument("--methods", default="none,fitnet,unikd", help="--stage grid: distillation methods")
     p.add_argument("--seeds", default="0,1,2", help="--stage grid: student seeds (teacher and AKE: seed 0)")
     p.add_argument("--teacher-epochs", default=None, type=int, help="--stage demo/grid: teacher training epochs")
@@ -948,7 +948,7 @@ def write_store_index(partial, params, shards, layout, element_bytes):
 PASSED_ON = ("data_path", "train_images", "train_ann", "val_images", "val_ann", "min_size", "max_size",
              "shapes_train", "shapes_val", "shapes_size", "shapes_seed", "workers", "batch_size", "amp", "max_iters",
              "print_freq", "num_queries", "warmup_iters")  # (and the device, set on each step directly)
-DEMO_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18", shapes_train=256, shapes_val=64,
+DEMO_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18_v2", shapes_train=256, shapes_val=64,
                      teacher_epochs=3, pretrain_epochs=2, student_epochs=2, warmup_iters=40)
 GRID_DEFAULTS = dict(shapes_train=1000, shapes_val=250, teacher_epochs=12, pretrain_epochs=6, student_epochs=4,
                      warmup_iters=200)
