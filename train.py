@@ -573,7 +573,8 @@ class Distiller(torch.nn.Module):
 
 def stage_distill(args, device):
     student_name = model_name(args.student, "--student")
-    set_schedule_defaults(args, detectors.family_of(student_name), epochs=12)
+    family = detectors.family_of(student_name)
+    set_schedule_defaults(args, family, epochs=12)
     store = None
     if args.offline:
         if args.method != "unikd":
@@ -585,7 +586,7 @@ def stage_distill(args, device):
     resume = None if args.kd_cost else prepare_output_dir(args, f"distill_{student_name}{suffix}")
     log(args, f"AKE: {ake_path}" + ("" if args.ake else " (the store's)" if store else
                                     " (newest runs/pretrain_*/ake.pth; pass --ake to choose)"))
-    train_ds, train_loader, val_loader = build_data(args, with_masks=detectors.family_of(student_name) == "mask_rcnn")
+    train_ds, train_loader, val_loader = build_data(args, with_masks=family == "mask_rcnn")
     blob = load_ake(ake_path, train_ds.num_classes, teacher=None if store else args.teacher)  # store: checked below
     if (blob["min_size"], blob["max_size"]) != (args.min_size, args.max_size):
         log(args, f"note: AKE pretrained at min/max size {blob['min_size']}/{blob['max_size']}, "
