@@ -150,18 +150,19 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
     scale = anchor_scale(kwargs["min_size"])
     anchor_generator = kwargs.pop("anchor_generator", None)  # RetinaNet/FCOS name
     anchor_generator = kwargs.pop("rpn_anchor_generator", None) or anchor_generator  # R-CNN name
+    anchor_generator = anchor_generator or _scaled_anchor_generator(family, scale)
     kwargs = {**_small_image_kwargs(family, scale, proposal_scale(kwargs["min_size"])), **kwargs}
 
     if name in TORCHVISION_BUILDERS:
         builder = TORCHVISION_BUILDERS[name][0]
         model = builder(weights=coco_weights, weights_backbone=backbone_weights,
                         num_classes=None if coco_weights is not None else num_classes, **kwargs)
+        # Set after construction: the _v2 builders create their own anchor generator and do not take one; their
+        # heads are sized for torchvision's anchor count per location, which the generator must then keep.
+        _check_anchor_count(model, family, name, anchor_generator)
     else:
         model = _build_from_parts(family, backbone_arch(name), num_classes, backbone_weights, kwargs,
-                                  v2=name.endswith("_v2"))
-
-    # Set after construction: the _v2 builders create their own anchor generator and do not take one.
-    anchor_generator = anchor_generator or _scaled_anchor_generator(family, scale)
+                                  anchor_generator, v2=name.endswith("_v2"))
     if family in ("retinanet", "fcos"):
         model.anchor_generator = anchor_generator
     else:
@@ -175,9 +176,11 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
     return model
 
 
-def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, v2=False):
-    """Same recipe as torchvision's *_resnet50_fpn builders (RetinaNet: *_v2 with v2), for the other ResNets."""
+def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, anchor_generator, v2=False):
+    """Same recipe as torchvision's *_resnet50_fpn builders (RetinaNet: *_v2 with v2), for the other ResNets;
+    the heads are sized for anchor_generator's anchors per location."""
     kwargs = dict(kwargs)
+    kwargs["anchor_generator" if family in ("retinanet", "fcos") else "rpn_anchor_generator"] = anchor_generator
     pretrained = backbone_weights is not None
     trainable = kwargs.pop("trainable_backbone_layers", None)
     trainable = (3 if pretrained else 5) if trainable is None else trainable
@@ -197,7 +200,8 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, v2=Fa
         # GroupNorm in the head's towers keeps their activations at unit scale: without it, four std-0.01 convs
         # shrink the FPN signal ~70x at init and a from-scratch head's loss stays at the focal-loss prior for
         # ~190 iterations (README, "The grid on this CPU"); FCOS's head has had GroupNorm all along.
-        head = RetinaNetHead(backbone.out_channels, 9, num_classes, norm_layer=partial(nn.GroupNorm, 32))
+        head = RetinaNetHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], num_classes,
+                             norm_layer=partial(nn.GroupNorm, 32))
         head.regression_head._loss_type = "giou"
         kwargs["head"] = head
     cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}[family]
@@ -219,6 +223,16 @@ def _small_image_kwargs(family, scale, proposals):
                 "rpn_pre_nms_top_n_test": round(1000 * proposals), "rpn_post_nms_top_n_test": round(1000 * proposals),
                 "box_batch_size_per_image": round(512 * proposals)}
     return {}
+
+
+def _check_anchor_count(model, family, name, anchor_generator):
+    """ValueError when anchor_generator's anchors per location differ from those model's head predicts for."""
+    head = model.head.classification_head if family in ("retinanet", "fcos") else model.rpn.head
+    expected = head.num_anchors if family in ("retinanet", "fcos") else head.cls_logits.out_channels
+    given = anchor_generator.num_anchors_per_location()[0]
+    if given != expected:
+        raise ValueError(f"{name}: torchvision's builder sizes the head for {expected} anchors per location, the "
+                         f"anchor generator has {given}; keep {expected} (sizes x aspect ratios per level)")
 
 
 def _scaled_anchor_generator(family, scale):

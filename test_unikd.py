@@ -645,6 +645,23 @@ def test_retinanet_v2_head_keeps_its_signal_at_init():
     assert std[0] < 0.02 < 0.3 < std[1]
 
 
+def test_heads_are_sized_for_the_anchor_generator_given():
+    """A generator with 2 anchors per location (not torchvision's 9 / 3): our builders size the head for it (the
+    losses need one prediction per anchor), torchvision's fixed-head builders refuse it in one line."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    two = lambda: AnchorGenerator(tuple((16 * 2 ** i,) for i in range(5)), ((0.5, 2.0),) * 5)  # noqa: E731
+    images, targets = images_and_targets()
+    for name, key in (("retinanet_r18_v2", "anchor_generator"), ("retinanet_r18", "anchor_generator"),
+                      ("faster_rcnn_r18", "rpn_anchor_generator")):
+        model = build(name, **{key: two()})
+        logits = model.head.classification_head.cls_logits if "retinanet" in name else model.rpn.head.cls_logits
+        assert logits.out_channels == 2 * (5 if "retinanet" in name else 1)
+        model.train()
+        assert all(torch.isfinite(v) for v in model(images, targets).values())
+    with pytest.raises(ValueError, match="retinanet_r50_v2.*9 anchors per location.*has 2"):
+        build("retinanet_r50_v2", anchor_generator=two())
+
+
 def test_small_image_settings_and_torchvision_defaults_at_800():
     small, large = build("faster_rcnn_r18"), detectors.build_detector("faster_rcnn_r18", 5)
     assert large.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
