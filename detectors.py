@@ -8,7 +8,7 @@ Two things live here:
   inputs, and every family gets the same image transform, so a teacher and a student see the same tensor.
 * `forward_with_features(model, images, targets)`: runs torchvision's forward unchanged and, through forward
   hooks on the model's own `transform` and `backbone`, also returns the 4 FPN levels at strides 8/16/32/64 that
-  AKE reads (DESIGN.md "Feature levels"), whatever levels the family itself uses.
+  AKE reads (README, "Design notes: Feature levels"), whatever levels the family itself uses.
 """
 import math
 import os
@@ -52,7 +52,7 @@ TORCHVISION_BUILDERS = {
 }
 COCO_NUM_CLASSES = 91  # torchvision's COCO heads: 90 category ids + background
 
-# One image transform for every family (DESIGN.md: teacher and student see the same batched tensor).
+# One image transform for every family (README, "Feature levels": teacher and student see the same batched tensor).
 # size_divisible=64 (torchvision: 32) pads to a multiple of the coarsest level AKE reads, so every level used
 # has exactly H_pad/stride cells and a normalised coordinate maps to the same cell in every detector.
 IMAGENET_MEAN = [0.485, 0.456, 0.406]

@@ -679,7 +679,8 @@ def knowledge_to_records(knowledge, image_ids, flip, canvas_hw, layout, dtype_na
 def records_to_knowledge(records, dtype_name, canvas_hw, device):
     """numpy records [B] -> (unikd.Knowledge on device, embeddings in fp32). Points and boxes are rescaled from the
     batched tensor the teacher saw (each record's canvas) to the student's (canvas_hw), so a normalised coordinate
-    names the same pixel in both (DESIGN.md); the embeddings are exact only where the two canvases are equal."""
+    names the same pixel in both (README, "Feature levels"); the embeddings are exact only where the two canvases
+    are equal."""
     def field(name):  # a fresh C-ordered copy: fields of packed records have strides torch cannot take
         return torch.from_numpy(records[name].copy(order="C"))
 

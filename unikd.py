@@ -273,7 +273,8 @@ class DecoderLayer(nn.Module):
         q = k = tgt if query_pos is None else tgt + query_pos
         tgt = self.norm_self(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
         query = tgt if query_pos is None else tgt + query_pos
-        # one normalised reference for every level: no padding masks here (valid ratio 1), see DESIGN.md
+        # one normalised reference for every level, no padding masks (valid ratio 1): coordinates are relative
+        # to the padded batch tensor
         ref = reference[:, :, None].expand(-1, -1, spatial_shapes.shape[0], -1)          # [B, N, L, 2|4]
         return Attended(tgt, *self.cross_attn.sampling(query, ref, spatial_shapes))
 
