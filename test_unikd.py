@@ -704,7 +704,8 @@ def test_checkpoint_round_trip_and_bad_checkpoints(tmp_path):
         for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
             assert torch.equal(a, b), k
     # trained from an ImageNet backbone: FrozenBatchNorm2d (no num_batches_tracked) -> loads into BatchNorm2d
-    frozen = detectors._build_from_parts("fcos", "resnet18", 5, None, dict(detectors.TRANSFORM_DEFAULTS))
+    frozen = detectors._build_from_parts("fcos", "resnet18", 5, None, dict(detectors.TRANSFORM_DEFAULTS),
+                                         detectors._scaled_anchor_generator("fcos", 1.0))
     frozen.backbone.body = torchvision.models.detection.backbone_utils.resnet_fpn_backbone(
         backbone_name="resnet18", weights=None, norm_layer=torchvision.ops.FrozenBatchNorm2d,
         returned_layers=[2, 3, 4], extra_blocks=torchvision.ops.feature_pyramid_network.LastLevelP6P7(256, 256)).body
