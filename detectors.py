@@ -157,16 +157,10 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
         builder = TORCHVISION_BUILDERS[name][0]
         model = builder(weights=coco_weights, weights_backbone=backbone_weights,
                         num_classes=None if coco_weights is not None else num_classes, **kwargs)
-        # Set after construction: the _v2 builders create their own anchor generator and do not take one; their
-        # heads are sized for torchvision's anchor count per location, which the generator must then keep.
-        _check_anchor_count(model, family, name, anchor_generator)
+        _swap_anchor_generator(model, family, name, anchor_generator)
     else:
         model = _build_from_parts(family, backbone_arch(name), num_classes, backbone_weights, kwargs,
                                   anchor_generator, v2=name.endswith("_v2"))
-    if family in ("retinanet", "fcos"):
-        model.anchor_generator = anchor_generator
-    else:
-        model.rpn.anchor_generator = anchor_generator
 
     if coco_weights is not None and num_classes != COCO_NUM_CLASSES:
         _replace_class_layers(model, family, num_classes)
@@ -225,14 +219,19 @@ def _small_image_kwargs(family, scale, proposals):
     return {}
 
 
-def _check_anchor_count(model, family, name, anchor_generator):
-    """ValueError when anchor_generator's anchors per location differ from those model's head predicts for."""
-    head = model.head.classification_head if family in ("retinanet", "fcos") else model.rpn.head
-    expected = head.num_anchors if family in ("retinanet", "fcos") else head.cls_logits.out_channels
+def _swap_anchor_generator(model, family, name, anchor_generator):
+    """Put anchor_generator in place of the one torchvision's builder made (the _v2 builders take none). The
+    builder's head is sized for its own anchor count per location: another count -> ValueError."""
+    one_stage = family in ("retinanet", "fcos")
+    expected = model.head.classification_head.num_anchors if one_stage else model.rpn.head.cls_logits.out_channels
     given = anchor_generator.num_anchors_per_location()[0]
     if given != expected:
         raise ValueError(f"{name}: torchvision's builder sizes the head for {expected} anchors per location, the "
                          f"anchor generator has {given}; keep {expected} (sizes x aspect ratios per level)")
+    if one_stage:
+        model.anchor_generator = anchor_generator
+    else:
+        model.rpn.anchor_generator = anchor_generator
 
 
 def _scaled_anchor_generator(family, scale):
