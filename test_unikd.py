@@ -2010,8 +2010,13 @@ def test_grid_table_flags_a_teacher_weaker_than_its_student_and_partial_cells():
                           ["none", "unikd"], [0, 1])
     rows = {l.split(" |")[0]: [c.strip() for c in l.strip("|").split("|")] for l in md.splitlines() if "→" in l}
     assert rows["| fcos_r50 → fcos_r18 (homogeneous)"][1:] == [
-        f"0.030 ± {np.std([0.02, 0.04], ddof=1):.3f}", "0.050 ± 0.000 (1/2 seeds)", "+0.020"]
-    assert rows["| retinanet_r50 → fcos_r18 (heterogeneous)"][1:] == ["0.020 ± 0.000 (1/2 seeds)", "—", "n/a"]
+        f"0.030 ± {np.std([0.02, 0.04], ddof=1):.3f}", "0.050 (1/2 seeds)", "+0.020"]
+    assert rows["| retinanet_r50 → fcos_r18 (heterogeneous)"][1:] == ["0.020 (1/2 seeds)", "—", "n/a"]
+    header = next(l for l in md.splitlines() if l.startswith("| teacher → student"))
+    assert header == "| teacher → student | none | unikd | gain unikd |"
+    only_none = train.grid_table(args, "runs/grid", prerequisites, cells, ["fcos_r50"], ["fcos_r18"], ["none"], [0])
+    table = [l for l in only_none.splitlines() if "→" in l or l == "| --- | ---: |"]
+    assert table == ["| teacher → student | none |", "| --- | ---: |", "| fcos_r50 → fcos_r18 (homogeneous) | 0.020 |"]
     assert "| retinanet_r50 | 0.010 | — |" in md
     notes = [l for l in md.splitlines() if l.startswith("Note:")]
     assert len(notes) == 1 and notes[0].startswith("Note: retinanet_r50 (AP 0.010) is not stronger than fcos_r18")

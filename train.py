@@ -1090,20 +1090,19 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
     def mean_std(values):
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
-    def cell(values):  # "mean ± std", with the seed count where some seeds have not finished
+    def cell(values):  # "mean ± std" (one seed has no std), with the seed count where some have not finished
         if not values:
             return "—"
-        text = "{:.3f} ± {:.3f}".format(*mean_std(values))
+        text = "{:.3f} ± {:.3f}".format(*mean_std(values)) if len(values) > 1 else f"{values[0]:.3f}"
         return text if len(values) == len(seeds) else f"{text} ({len(values)}/{len(seeds)} seeds)"
     out = [f"# UniKD grid ({root})", "", f"Seeds {seeds}; AP = COCO box AP on the validation set, mean ± std over "
            f"seeds; gain = mean AP − mean AP of `none`.", "", "| teacher | teacher AP | AKE AP |", "| --- | ---: | ---: |"]
     for teacher in teachers:
         t, a = prerequisites[teacher]
         out.append(f"| {teacher} | " + " | ".join("—" if r is None else f"{ap(r):.3f}" for r in (t, a)) + " |")
-    out += ["", "| teacher → student | " + " | ".join(methods) + " | " +
-            " | ".join(f"gain {m}" for m in methods if m != "none") + " |",
-            "| --- | " + " | ".join("---:" for _ in methods) + " | " +
-            " | ".join("---:" for m in methods if m != "none") + " |"]
+    columns = methods + [f"gain {m}" for m in methods if m != "none"]
+    out += ["", "| teacher → student | " + " | ".join(columns) + " |",
+            "| --- | " + " | ".join("---:" for _ in columns) + " |"]
     weaker = []
     for teacher, student in itertools.product(teachers, students):
         values = {m: [ap(r) for r in (cells[teacher, student, m, s] for s in seeds) if r is not None]
