@@ -1087,13 +1087,11 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
     def ap(result):
         return result["metrics"].get("AP", float("nan"))
 
-    def mean_std(values):
-        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
     def cell(values):  # "mean ± std" (one seed has no std), with the seed count where some have not finished
         if not values:
             return "—"
-        text = "{:.3f} ± {:.3f}".format(*mean_std(values)) if len(values) > 1 else f"{values[0]:.3f}"
+        text = (f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1
+                else f"{values[0]:.3f}")
         return text if len(values) == len(seeds) else f"{text} ({len(values)}/{len(seeds)} seeds)"
     out = [f"# UniKD grid ({root})", "", f"Seeds {seeds}; AP = COCO box AP on the validation set, mean ± std over "
            f"seeds; gain = mean AP − mean AP of `none`.", "", "| teacher | teacher AP | AKE AP |", "| --- | ---: | ---: |"]
