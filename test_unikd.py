@@ -390,6 +390,48 @@ def test_msdeformattn_backends_agree_and_all_parameters_get_gradients():
     torch.testing.assert_close(outs["torch"], outs[BACKENDS[-1]], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(msda.triton is None, reason="triton not installed")
+def test_unikd_both_stages_agree_across_msda_backends():
+    """The whole module, which the kernel tests do not reach (the query side computed once per batch and read by
+    the teacher and the student side): pretraining and distillation losses and gradients with every MSDA on the
+    Triton kernels (interpreted here; CUDA where there is one) equal those of the PyTorch path."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 12), (4, 6), (2, 3), (1, 2)]
+    teacher = [torch.randn(2, 32, h, w, generator=g).to(device) for h, w in shapes]
+    student = [torch.randn(2, 32, h, w, generator=g).to(device) for h, w in shapes]
+    targets = [{"labels": torch.randint(0, 5, (n,), generator=g).to(device),
+                "boxes": torch.cat([torch.rand(n, 2, generator=g) * 0.6 + 0.2,
+                                    torch.rand(n, 2, generator=g) * 0.3 + 0.05], 1).to(device)} for n in (3, 1)]
+    torch.manual_seed(0)
+    model = unikd.UniKD(num_classes=5, d_model=32, n_heads=4, n_points=2, num_queries=12, dim_ffn=64).to(device)
+
+    def run(backend, stage):
+        for module in model.modules():
+            if isinstance(module, MSDeformAttn):
+                module.backend = backend
+        model.zero_grad(set_to_none=True)
+        s = [f.clone().requires_grad_(True) for f in student]
+        if stage == "pretrain":
+            losses = model.pretrain_loss(teacher, targets, generator=torch.Generator().manual_seed(1))
+        else:
+            losses = model.distill_loss(teacher, s, targets, generator=torch.Generator().manual_seed(2))
+        sum(losses.values()).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None] + [f.grad for f in s if f.grad is not None]
+        return losses, grads
+
+    for stage in ("pretrain", "distill"):
+        if stage == "distill":
+            model.freeze()
+        (losses_torch, grads_torch), (losses_triton, grads_triton) = run("torch", stage), run("triton", stage)
+        assert losses_torch.keys() == losses_triton.keys() and len(grads_torch) == len(grads_triton) > 0
+        for k in losses_torch:
+            torch.testing.assert_close(losses_triton[k], losses_torch[k], rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads_triton, grads_torch):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert len(grads_torch) == len(student)    # distill: only the student levels get gradients
+
+
 def test_msdeformattn_rejects_bad_shapes():
     module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
     query, ref, value_input, spatial_shapes, level_start_index = module_inputs()
