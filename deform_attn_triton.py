@@ -14,6 +14,7 @@ another codebase as it is.
     out                 [B, Q, H * C]
 
     out[b, q, h] = sum_{l, p} attention_weights[b, q, h, l, p] * bilinear(value_l[b, :, :, h], loc)
+                   (the inner sum of Deformable DETR's Eq. 3, per head, value already projected)
 
 Bilinear sampling puts pixel centres at (i + 0.5) / W and reads zeros outside the map, i.e. exactly
 `F.grid_sample(align_corners=False, padding_mode="zeros")` -- the same op as Deformable DETR's CUDA
@@ -28,23 +29,12 @@ Backends
             with a hand-written backward (how it is made fast: see the PyTorch path section).
   "auto"    Triton for CUDA tensors when triton is importable, PyTorch otherwise.
 
-Also here: `MSDeformAttn` (the Deformable DETR module, with its initialisation), `flatten_levels`, the
-`grid_sample` formulation `ms_deform_attn_grid_sample` (the speed baseline), and a CLI:
-    python deform_attn_triton.py --bench            timings of every available backend vs grid_sample
-    python deform_attn_triton.py --compile-check    builds both kernels for sm_80 and sm_90 without a GPU: a table
-                                                    of configs, registers, spills (what a GPU run would launch)
+Also here: `MSDeformAttn` (the Deformable DETR module, with its initialisation), `flatten_levels`, and the
+`grid_sample` formulation `ms_deform_attn_grid_sample` (the speed baseline).
+Benchmarks and the ahead-of-time compile check of the kernels are in bench.py (not needed to use this file).
 """
-import argparse
 import contextlib
-import json
 import math
-import os
-import re
-import shutil
-import statistics
-import subprocess
-import tempfile
-import time
 import warnings
 from typing import NamedTuple
 
@@ -165,7 +155,7 @@ def _check_level_contents(spatial_shapes, level_start_index, S):
 def ms_deform_attn_grid_sample(value, spatial_shapes, level_start_index, sampling_locations,
                                attention_weights):
     """The grid_sample formulation of MSDA: slow (it transposes every level to [B*H, C, H_l, W_l] and
-    expands the samples to [B*H, C, Q, L*P]) but obviously right; the bench measures against it."""
+    expands the samples to [B*H, C, Q, L*P]) but obviously right; bench.py measures against it."""
     B, S, H, C = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
@@ -198,9 +188,7 @@ def ms_deform_attn_grid_sample(value, spatial_shapes, level_start_index, samplin
 #           weights, a few elementwise ops on [n, 2, 2, L*P].
 # The taps are recomputed in the backward (cheap) rather than saved, and rows are processed in
 # chunks: temporaries stay small and are reused by the allocator instead of being page-faulted in
-# fresh on every call, which on CPU costs as much as the arithmetic.
-# Measured on a 2-core CPU (1 thread), fwd+bwd vs the grid_sample formulation: ~3x faster at
-# Deformable DETR's decoder size, ~2-2.7x at encoder sizes (Q = S) -- see `--bench`.
+# fresh on every call.
 
 _CPU_ROWS_PER_CHUNK = 16384     # output rows whose taps are built together (amortises per-op overhead)
 _CPU_ROWS_PER_SCATTER = 512     # rows per index_add_ (its [n, K, C] source should stay cache-sized)
@@ -210,8 +198,8 @@ _GPU_TAPS_PER_CHUNK = 1 << 20    # bounds the [n, K, C] gather/scatter scratch o
 class _LevelGeometry:
     """Per-level constants of the flattened value map, expanded over the P points of each level so
     that per-sample tensors [n, ..., L*P] broadcast against them along whole contiguous L*P rows
-    (PyTorch's CPU loops pay a fixed cost per innermost run: runs of 2 would cost more than the
-    arithmetic). Indices are int64 throughout: 64-bit offsets, and index_add_ is 2-3x slower with int32.
+    (PyTorch's CPU loops pay a fixed cost per innermost run, so runs must be long, not of length 2).
+    Indices are int64 throughout: 64-bit offsets, and index_add_ is slower with int32 indices.
     """
 
     def __init__(self, spatial_shapes, level_start_index, B, S, H, P, dtype):
@@ -245,7 +233,7 @@ def _bilinear_taps(geo, loc, attn, rows, QH):
     xy0 = xy.floor()
     frac = xy.sub_(xy0)
     # neighbour k = x0 (lower) or x0 + 1 (upper) is inside iff 0 <= k <= W-1: for integral k that is
-    # clamp(k+1, 0, 1) * clamp(W-k, 0, 1) -- float arithmetic, several times faster than bool masks
+    # clamp(k+1, 0, 1) * clamp(W-k, 0, 1) -- float arithmetic, cheaper than building bool masks
     neighbour = xy0.unsqueeze(2) + geo.size.new_tensor([[0.0], [1.0]])       # [n, 2, 2, L*P]
     inside = (neighbour + 1).clamp_(0, 1).mul_((geo.size.unsqueeze(1) - neighbour).clamp_(0, 1))
     tent = torch.stack([1 - frac, frac], dim=2).mul_(inside)
@@ -534,16 +522,16 @@ AOT_TARGET_SMS = {80: 108, 90: 132}
 def launch_config(kernel, B, Q, H, C, dtype, arch, num_sms):
     """The launch configuration of kernel "fwd" or "bwd" -- a pure function of the problem sizes, the
     value dtype and the target (compute capability `arch`, e.g. 90, and its SM count; arch 0 and one
-    SM for the CPU interpreter). The launcher and `--compile-check` both call it, so what is compiled
-    ahead of time is what a GPU run launches.
+    SM for the CPU interpreter). The launcher and bench.py's compile check both call it, so what is
+    compiled ahead of time is what a GPU run launches.
 
     Channel tiles are up to 64 wide (32 for fp64, whose fp64 accumulators double the registers);
     query tiles shrink from 64 until the grid has at least ~2 programs per SM (the decoder's Q=200,
     B*H=16 would otherwise fill 64 programs of 132 SMs). Warps: one per 512 tile elements in the
     forward, one per 256 in the backward, which holds four corner tiles and the gradient tile at
-    once (at 64x32 with 4 warps it spilled on sm_80: 255 registers, 360 B of local memory, found by
-    `--compile-check`; 8 warps: 244, none). The kernels gather rows through pointers, which Triton
-    does not software-pipeline, so one stage: more would buy no overlap, only shared memory."""
+    once and needs the extra threads' registers not to spill. The kernels gather rows through
+    pointers, which Triton does not software-pipeline, so one stage: more would buy no overlap, only
+    shared memory."""
     block_c = min(32 if dtype == torch.float64 else 64, triton.next_power_of_2(max(C, 1)))
     block_q = 64
     while block_q > 16 and B * H * triton.cdiv(Q, block_q) < 2 * num_sms:
@@ -771,300 +759,3 @@ class MSDeformAttn(nn.Module):
         value = value.view(B, S, self.n_heads, self.d_model // self.n_heads)
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, self.backend)
         return self.output_proj(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: benchmark and ahead-of-time compile check
-# ----------------------------------------------------------------------------------------------
-
-def _bench_sizes(device):
-    """name -> (B, Q or None for Q = S, H, C, P, level shapes); levels at strides 8..64."""
-    def levels(px):
-        return [(math.ceil(px / s), math.ceil(px / s)) for s in (8, 16, 32, 64)]
-    sizes = {
-        "decoder": (2, 200, 8, 32, 4, [(100, 167), (50, 84), (25, 42), (13, 21)]),
-        "encoder-128px": (8, None, 8, 32, 4, levels(128)),
-        "encoder-512px": (2, None, 8, 32, 4, levels(512)),
-    }
-    if device.type == "cuda":   # the size published Triton MSDA kernels report (B=4, Q=300)
-        sizes["decoder-B4Q300"] = (4, 300, 8, 32, 4, [(100, 167), (50, 84), (25, 42), (13, 21)])
-    return sizes
-
-
-def _bench_inputs(size, device, dtype, seed=0):
-    B, Q, H, C, P, shapes = size
-    gen = torch.Generator().manual_seed(seed)
-    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
-    S = int(spatial_shapes.prod(1).sum())
-    Q = S if Q is None else Q
-    L = len(shapes)
-    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
-    value = torch.randn(B, S, H, C, generator=gen)
-    loc = torch.rand(B, Q, H, L, P, 2, generator=gen) * 1.1 - 0.05
-    attn = torch.rand(B, Q, H, L, P, generator=gen).softmax(-1)
-    return ([t.to(device, dtype) for t in (value,)] + [spatial_shapes.to(device), level_start_index.to(device)]
-            + [t.to(device, dtype) for t in (loc, attn)])
-
-
-def _median_ms(fn, device, runs, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _bench_one(impl, inputs, device, runs):
-    """(fwd ms, fwd+bwd ms, peak MiB or None) of impl(value, shapes, starts, loc, attn)."""
-    value, shapes, starts, loc, attn = inputs
-    leaves = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
-    grad = None
-
-    def fwd():
-        with torch.no_grad():
-            impl(value, shapes, starts, loc, attn)
-
-    def fwd_bwd():
-        nonlocal grad
-        out = impl(leaves[0], shapes, starts, leaves[1], leaves[2])
-        grad = torch.ones_like(out) if grad is None else grad
-        torch.autograd.grad(out, leaves, grad)
-
-    t_fwd = _median_ms(fwd, device, runs)
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fwd_bwd()
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-    t_fb = _median_ms(fwd_bwd, device, runs)
-    return t_fwd, t_fb, peak
-
-
-def _bench(runs, only=None, device="all"):
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    devices = [d for d in devices if device in ("all", d.type)]
-    print(f"torch {torch.__version__}, triton {getattr(triton, '__version__', 'absent')}, "
-          f"CPU threads {torch.get_num_threads()}"
-          + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
-    print("median ms over", runs, "runs after warm-up; ratio = grid_sample time / this time (same run)")
-    header = f"{'device':6} {'dtype':8} {'size':16} {'impl':11} {'fwd ms':>9} {'x':>6} {'fwd+bwd ms':>11} {'x':>6}"
-    print(header + ("  peak MiB" if torch.cuda.is_available() else ""))
-    for device in devices:
-        dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
-        impls = {"grid_sample": ms_deform_attn_grid_sample,
-                 "torch": lambda *a: ms_deform_attn(*a, backend="torch")}
-        if device.type == "cuda" and triton is not None:
-            impls["triton"] = lambda *a: ms_deform_attn(*a, backend="triton")
-        for dtype in dtypes:
-            for name, size in _bench_sizes(device).items():
-                if only and name not in only:
-                    continue
-                inputs = _bench_inputs(size, device, dtype)
-                base = None
-                for impl_name, impl in impls.items():
-                    f, fb, peak = _bench_one(impl, inputs, device, runs)
-                    base = base or (f, fb)
-                    line = (f"{device.type:6} {str(dtype)[6:]:8} {name:16} {impl_name:11} {f:9.2f} "
-                            f"{base[0] / f:6.2f} {fb:11.2f} {base[1] / fb:6.2f}")
-                    print(line + (f"  {peak:8.1f}" if peak is not None else ""), flush=True)
-
-
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-                torch.int64: "i64"}
-
-
-def _aot_launches(size, dtype, arch):
-    """[(kernel, LaunchConfig, positional args, meta)] of the forward and backward launch for a bench
-    size, as the launcher builds them on a GPU of compute capability `arch` -- on meta tensors."""
-    value, shapes, starts, loc, attn = [t.to("meta") for t in _bench_inputs(size, torch.device("cpu"),
-                                                                             torch.float32)]
-    value, loc, attn = value.to(dtype), loc.to(dtype), attn.to(dtype)
-    B, S, H, C = value.shape
-    Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    acc = dict(dtype=_compute_dtype(value), device="meta")
-    target = (arch, AOT_TARGET_SMS.get(arch, AOT_TARGET_SMS[90]))
-    launches = []
-    for kernel, build, args in (
-            (_msda_fwd_kernel, _fwd_launch, (value.new_empty(B, Q, H, C),)),
-            (_msda_bwd_kernel, _bwd_launch, (value.new_empty(B, Q, H, C), torch.empty(B, S, H, C, **acc),
-                                             torch.empty(B, Q, H, L, P, 2, **acc),
-                                             torch.empty(B, Q, H, L, P, **acc)))):
-        cfg, call_args, meta = build(value, shapes, starts, loc, attn, *args, target=target)
-        launches.append((kernel, cfg, call_args, meta))
-    return launches
-
-
-def _aot_signature(kernel, args, meta):
-    """(signature, constexprs, attrs) of `triton.compile`, specialised as the JIT does for these args:
-    pointers and integers divisible by 16 get the divisibility hint, an integer equal to 1 becomes a constant."""
-    signature, constexprs, attrs = {}, {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}, {}
-    for i, (name, arg) in enumerate(zip(kernel.arg_names, args)):
-        if isinstance(arg, torch.Tensor):
-            signature[name] = "*" + _DTYPE_NAMES[arg.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]           # torch allocations are 16-byte aligned
-        elif arg == 1:
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32" if abs(arg) < 2 ** 31 else "i64"
-            if arg % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    for name in constexprs:
-        signature[name] = "constexpr"
-    return signature, constexprs, attrs
-
-
-def _cubin_resources(cubin):
-    """{"REG": .., "STACK": .., "LOCAL": ..} from `cuobjdump -res-usage` (shipped with triton's NVIDIA
-    backend); {} where it is missing. LOCAL/STACK > 0 means registers spilled to local memory."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
-    if tool is None:
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
-
-
-def _first_error_line(text):
-    """The line of a compiler's output that says what went wrong (ptxas/LLVM put it among pages of IR)."""
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    for pattern in (r"fatal|LLVM ERROR|out of resources", r"error"):
-        hits = [l for l in lines if re.search(pattern, l, re.IGNORECASE) and "reproducer" not in l]
-        if hits:
-            return hits[0]
-    return lines[-1] if lines else "no message"
-
-
-def _compile_isolated(build):
-    """Runs build() -> CompiledKernel in a forked child, so that a compiler that aborts the process (LLVM
-    does, on an instruction the target lacks) fails one table row, not the check. Returns {shared, regs,
-    spill, ptx_lines, seconds} or {error, seconds}."""
-    read_fd, write_fd = os.pipe()
-    with tempfile.TemporaryFile() as log:
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():  # the child runs no torch ops: it compiles, reports and exits
-            warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:                                             # child: compile, report, exit
-            os.close(read_fd)
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
-            try:
-                compiled = build()
-                res = _cubin_resources(compiled.asm["cubin"])
-                out = dict(shared=compiled.metadata.shared, regs=res.get("REG"),
-                           spill=(res["STACK"] + res["LOCAL"]) if "LOCAL" in res else None,
-                           ptx_lines=compiled.asm["ptx"].count("\n"))
-            except BaseException as e:  # noqa: B036 - reported as the row's error
-                out = dict(error=f"{type(e).__name__}: {_first_error_line(str(e))}")
-            os.write(write_fd, json.dumps(out).encode())
-            os._exit(0)
-        os.close(write_fd)
-        with os.fdopen(read_fd) as pipe:
-            payload = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        seconds = time.perf_counter() - t0
-        if payload:
-            return dict(json.loads(payload), seconds=seconds)
-        log.seek(0)
-        text = log.read().decode(errors="replace")
-        return dict(error=f"compiler died ({os.waitstatus_to_exitcode(status)}): {_first_error_line(text)}",
-                    seconds=seconds)
-
-
-def compile_check(archs=(80, 90), dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                  sizes=("decoder", "encoder-128px", "encoder-512px")):
-    """Compiles the forward and backward kernels ahead of time (no GPU needed) for every target, dtype and
-    bench size, at the configuration `launch_config` picks there; identical compilations are done once.
-    Returns rows of dicts (kernel, target, dtype, sizes, config, shared, regs, spill, ptx_lines, seconds,
-    error); a failed compilation has its Triton message in "error"."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    if _TRITON_INTERPRETED:
-        raise RuntimeError("unset TRITON_INTERPRET to compile the kernels ahead of time")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    triton.knobs.compilation.always_compile = True      # time real builds, not cache hits
-    rows = {}
-    for arch in archs:
-        for dtype in dtypes:
-            for size in sizes:
-                for kernel, cfg, args, meta in _aot_launches(_bench_sizes(torch.device("cpu"))[size], dtype, arch):
-                    signature, constexprs, attrs = _aot_signature(kernel, args, meta)
-                    key = (kernel.__name__, arch, dtype, repr(signature), repr(sorted(constexprs.items())),
-                           cfg.num_warps, cfg.num_stages)
-                    if key in rows:
-                        rows[key]["sizes"].append(size)
-                        continue
-                    row = dict(kernel=kernel.__name__, target=f"sm_{arch}", dtype=_DTYPE_NAMES[dtype],
-                               sizes=[size], config=f"Q{cfg.block_q} C{cfg.block_c} w{cfg.num_warps} s{cfg.num_stages}",
-                               grid=cfg.grid, error=None)
-                    row.update(_compile_isolated(lambda: triton.compile(
-                        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                        target=GPUTarget("cuda", arch, 32),
-                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))))
-                    rows[key] = row
-    return list(rows.values())
-
-
-def _print_compile_table(rows):
-    na = lambda v: "n/a" if v is None else v
-    print(f"triton {triton.__version__}; configs from launch_config at the SM count of each target "
-          f"({', '.join(f'sm_{a}: {n}' for a, n in AOT_TARGET_SMS.items())}); regs/spill from cuobjdump -res-usage")
-    print(f"{'kernel':17} {'target':6} {'dtype':5} {'config':17} {'smem B':>6} {'regs':>4} {'spill B':>7} "
-          f"{'PTX lines':>9} {'s':>5}  sizes")
-    for r in rows:
-        head = f"{r['kernel']:17} {r['target']:6} {r['dtype']:5} {r['config']:17}"
-        if r["error"]:
-            print(f"{head} FAILED ({', '.join(r['sizes'])}): {r['error']}", flush=True)
-        else:
-            print(f"{head} {r['shared']:>6} {na(r['regs']):>4} {na(r['spill']):>7} {r['ptx_lines']:>9} "
-                  f"{r['seconds']:5.1f}  {', '.join(r['sizes'])}", flush=True)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", action="store_true", help="time every backend vs grid_sample")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (median, >= 10)")
-    parser.add_argument("--sizes", default="", help="comma-separated subset of the bench sizes "
-                        "(decoder, encoder-128px, encoder-512px, decoder-B4Q300 on GPU); default all")
-    parser.add_argument("--device", default="all", choices=["all", "cpu", "cuda"], help="--bench devices")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (torch.set_num_threads); "
-                        "0 keeps torch's default. On a machine busy with other work use 1: waiting for a "
-                        "descheduled worker thread at every parallel op can cost more than the op")
-    parser.add_argument("--compile-check", action="store_true",
-                        help="compile both Triton kernels ahead of time (no GPU needed) for every target, dtype "
-                             "and bench size; prints a table, exit code 1 if any build fails")
-    parser.add_argument("--archs", default="80,90", help="--compile-check targets (compute capabilities)")
-    parser.add_argument("--dtypes", default="fp32,fp16,bf16", help="--compile-check dtypes")
-    args = parser.parse_args(argv)
-    if not (args.bench or args.compile_check):
-        parser.error("nothing to do: pass --bench and/or --compile-check")
-    failed = False
-    if args.compile_check:
-        by_name = {v: k for k, v in _DTYPE_NAMES.items()}
-        rows = compile_check(archs=[int(a) for a in args.archs.split(",")],
-                             dtypes=[by_name[d] for d in args.dtypes.split(",")],
-                             sizes=[s for s in args.sizes.split(",") if s] or
-                             ("decoder", "encoder-128px", "encoder-512px"))
-        _print_compile_table(rows)
-        failed = any(r["error"] for r in rows)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.bench:
-        _bench(max(args.runs, 10), [s for s in args.sizes.split(",") if s], args.device)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -80,7 +80,7 @@ class CheckpointError(ValueError):
 class FPNOutput(NamedTuple):
     result: object  # losses dict (train mode) or list of detections (eval mode), as model(images, targets); or None
     features: list  # 4 tensors [B, 256, H_l, W_l] at strides 8, 16, 32, 64, in that order
-    batch_size_hw: tuple  # (H_pad, W_pad) of the batched image tensor; normalised boxes are relative to it
+    padded_hw: tuple  # (H_pad, W_pad) of the batched image tensor; normalised boxes are relative to it
     image_sizes: list  # (h, w) of each image after resize, before padding
     targets: Optional[list]  # transformed targets (boxes in pixels of the batched tensor), or None
 
@@ -374,7 +374,7 @@ def _fpn_output(result, image_list, features: dict, targets) -> FPNOutput:
                      [tuple(int(v) for v in s) for s in image_list.image_sizes], targets)
 
 
-def levels_by_stride(features: dict, batch_size_hw, strides=AKE_STRIDES) -> list:
+def levels_by_stride(features: dict, padded_hw, strides=AKE_STRIDES) -> list:
     """Pick from the FPN's OrderedDict the levels whose stride (batched size / feature size) is in strides.
 
     RetinaNet/FCOS name their levels '0'-'4' for P3-P7, R-CNNs '0'-'3','pool' for P2-P6: only the stride
@@ -382,7 +382,7 @@ def levels_by_stride(features: dict, batch_size_hw, strides=AKE_STRIDES) -> list
     coarsest levels round up (e.g. 160 px -> 3 cells at stride 64) and log2 is rounded. The first level with a
     given stride wins (a tiny input can make P6 and P7 both 1 cell).
     """
-    h_pad, w_pad = batch_size_hw
+    h_pad, w_pad = padded_hw
     by_stride = {}
     for feature in features.values():
         h, w = feature.shape[-2:]
@@ -401,7 +401,7 @@ def _unwrap(model):
 
 def normalized_targets(fpn_out):
     """Transformed targets -> AKE targets: contiguous labels 0..K-1, boxes cxcywh / batched tensor size."""
-    h, w = fpn_out.batch_size_hw
+    h, w = fpn_out.padded_hw
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     out = []
     for t in fpn_out.targets:

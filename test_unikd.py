@@ -9,6 +9,7 @@ import os  # noqa: I001
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse
+import ast
 import copy
 import itertools
 import json
@@ -28,10 +29,16 @@ from pycocotools import mask as mask_utils
 import torch.nn.functional as F
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
+import bench
 import deform_attn_triton as msda
 from deform_attn_triton import MSDeformAttn, flatten_levels, ms_deform_attn
 import detectors
+import data
 import eval as ev
+import grid
+import shapes as shapes_gen
+import store as knowledge_store
+import utils
 import unikd
 
 torch.set_num_threads(1)  # robust on a shared 2-core box (OpenMP threads stall when the other core is busy)
@@ -458,7 +465,7 @@ def test_flatten_levels():
 
 def run_compile_check(*flags):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, os.path.join(HERE, "deform_attn_triton.py"), "--compile-check", *flags],
+    return subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--compile-check", *flags],
                           capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -476,7 +483,7 @@ def test_triton_kernels_compile_for_sm90_at_the_launchers_decoder_config():
         ["_msda_fwd_kernel", "_msda_bwd_kernel"], ["fp32", "bf16"]))
     # the decoder (B*H = 16 programs per query block, Q = 200) on 132 SMs: query blocks halve from 64 until
     # 16 * ceil(200 / block) >= 2 * 132 or the block is 16 -> 16; 16 x 32 tile elements -> 2 warps
-    B, Q, H, C, P, shapes = msda._bench_sizes(torch.device("cpu"))["decoder"]
+    B, Q, H, C, P, shapes = bench._bench_sizes(torch.device("cpu"))["decoder"]
     for kernel, target, dtype, *config_and_figures in rows:
         assert target == "sm_90" and "FAILED" not in config_and_figures
         config, (_, regs, spill, ptx_lines, _), sizes = config_and_figures[:4], config_and_figures[4:9], \
@@ -498,6 +505,22 @@ def test_compile_check_names_kernel_target_dtype_and_message_of_a_failed_build()
         assert " sm_20 " in line and " fp32 " in line
         message = line.split("FAILED (decoder): ", 1)[1]
         assert "sm_20" in message or "LLVM ERROR" in message      # the compiler's own words, one line
+
+
+def test_deform_attn_triton_is_a_copy_alone_file_without_tooling():
+    """The file users copy into their codebases imports only what the op and the module need; the benchmark,
+    the compile check and their CLI live in bench.py."""
+    with open(os.path.join(HERE, "deform_attn_triton.py")) as f:
+        source = f.read()
+    tree = ast.parse(source)
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"contextlib", "math", "warnings", "typing", "torch", "triton"}, imported
+    assert {"torch", "triton"} <= imported
+    for word in ("argparse", "subprocess", "__main__"):
+        assert word not in source, word
+    assert callable(bench.main) and callable(bench.compile_check)
 
 
 @pytest.mark.parametrize("Q,expected_block_q", [(200, 16), (600, 32), (2000, 64), (5, 16)])
@@ -585,7 +608,7 @@ def test_builds_and_hook_returns_four_levels_at_strides_8_to_64(family, backbone
     assert out.image_sizes == sizes
     h_pad = math.ceil(max(s[0] for s in sizes) / 64) * 64
     w_pad = math.ceil(max(s[1] for s in sizes) / 64) * 64
-    assert out.batch_size_hw == (h_pad, w_pad) == (128, 192)
+    assert out.padded_hw == (h_pad, w_pad) == (128, 192)
     assert len(out.features) == 4
     for stride, feature in zip((8, 16, 32, 64), out.features):
         assert feature.shape == (2, 256, h_pad // stride, w_pad // stride)
@@ -628,7 +651,7 @@ def test_forward_features_matches_hooked_features_without_running_heads():
     with torch.no_grad():
         full = detectors.forward_with_features(model, images)
         only = detectors.forward_features(model, images)
-    assert only.result is None and only.batch_size_hw == full.batch_size_hw
+    assert only.result is None and only.padded_hw == full.padded_hw
     for a, b in zip(full.features, only.features):
         assert torch.equal(a, b)
 
@@ -649,7 +672,7 @@ def test_gt_box_lands_on_the_same_feature_cell_in_teacher_and_students():
     for model in models:
         with torch.no_grad():
             out = detectors.forward_features(model, images, copy.deepcopy(targets))
-        h_pad, w_pad = out.batch_size_hw
+        h_pad, w_pad = out.padded_hw
         box = out.targets[0]["boxes"][1]
         cx, cy = ((box[0] + box[2]) / 2 / w_pad).item(), ((box[1] + box[3]) / 2 / h_pad).item()  # normalised
         model_cells = []
@@ -788,21 +811,21 @@ def test_coco_weights_with_other_class_count_replace_only_class_layers(name, mon
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return ev.ensure_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), num_train=12, num_val=6)
+    return shapes_gen.ensure_shapes_dataset(str(tmp_path_factory.mktemp("data") / "shapes"), num_train=12, num_val=6)
 
 
 def shapes_split(shapes, split, **kwargs):
-    return ev.CocoDetection(os.path.join(shapes, f"{split}2017"),
+    return data.CocoDetection(os.path.join(shapes, f"{split}2017"),
                             os.path.join(shapes, f"annotations/instances_{split}2017.json"), **kwargs)
 
 
 def test_shapes_dataset_is_coco_deterministic_and_varied(shapes, tmp_path):
-    again = ev.ensure_shapes_dataset(str(tmp_path / "again"), num_train=12, num_val=6)
-    assert ev.ensure_shapes_dataset(shapes, num_train=12, num_val=6) == shapes  # second call: reused
+    again = shapes_gen.ensure_shapes_dataset(str(tmp_path / "again"), num_train=12, num_val=6)
+    assert shapes_gen.ensure_shapes_dataset(shapes, num_train=12, num_val=6) == shapes  # second call: reused
     for rel in ["annotations/instances_train2017.json", "train2017/000000000003.jpg", "val2017/000000000006.jpg"]:
         assert open(os.path.join(shapes, rel), "rb").read() == open(os.path.join(again, rel), "rb").read()
-    with pytest.raises(ev.UserError, match="delete it"):
-        ev.ensure_shapes_dataset(shapes, num_train=13, num_val=6)
+    with pytest.raises(utils.UserError, match="delete it"):
+        shapes_gen.ensure_shapes_dataset(shapes, num_train=13, num_val=6)
     assert not [p for p in os.listdir(os.path.dirname(shapes)) if ".tmp-" in p]  # no leftovers
 
     data = json.load(open(os.path.join(shapes, "annotations/instances_train2017.json")))
@@ -818,7 +841,7 @@ def test_shapes_dataset_is_coco_deterministic_and_varied(shapes, tmp_path):
 
 
 def test_shapes_sizes_span_coco_small_medium_large():
-    rng_objects = [ev.render_shapes_image(np.random.default_rng([5, i]), H, W)[1] for i in range(40)]
+    rng_objects = [shapes_gen.render_shapes_image(np.random.default_rng([5, i]), H, W)[1] for i in range(40)]
     areas = np.array([o["mask"].sum() for objects in rng_objects for o in objects])
     assert (areas < 32 ** 2).mean() > 0.2 and ((areas >= 32 ** 2) & (areas < 96 ** 2)).mean() > 0.2
     assert (areas >= 96 ** 2).mean() > 0.03
@@ -836,7 +859,7 @@ def colour_under(image_uint8, mask):
 def test_loader_boxes_and_masks_land_on_the_drawn_shapes_after_resize_and_flip(shapes, min_size, max_size):
     dataset = shapes_split(shapes, "train", train=True, min_size=min_size, max_size=max_size, with_masks=True)
     dataset.flip_p = 1.0  # always flip, so the test knows
-    loader = ev.build_loader(dataset, batch_size=4, train=False)
+    loader = data.build_loader(dataset, batch_size=4, train=False)
     scale = min_size / H
     checked, mismatched_unflipped = 0, 0
     for images, targets in loader:
@@ -899,8 +922,8 @@ def test_category_mapping_crowd_degenerate_and_empty_images(tmp_path):
             {"id": 4, "image_id": 9, "category_id": 3, "bbox": [70, 5, 10, 10], "area": 100, "iscrowd": 0}]  # off image
     cats = [{"id": c, "name": f"c{c}"} for c in (12, 3, 7)]
     write_coco(tmp_path / "ann.json", images, anns, cats)
-    train = ev.CocoDetection(str(image_dir), str(tmp_path / "ann.json"), train=True, min_size=40, max_size=60)
-    val = ev.CocoDetection(str(image_dir), str(tmp_path / "ann.json"), train=False, min_size=40, max_size=60)
+    train = data.CocoDetection(str(image_dir), str(tmp_path / "ann.json"), train=True, min_size=40, max_size=60)
+    val = data.CocoDetection(str(image_dir), str(tmp_path / "ann.json"), train=False, min_size=40, max_size=60)
     assert train.num_classes == 4 and train.cat_ids == [3, 7, 12]
     assert train.label_to_cat == {1: 3, 2: 7, 3: 12}
     assert train.ids == [5] and val.ids == [5, 9, 11]  # images without usable boxes: skipped for training only
@@ -936,7 +959,7 @@ class Oracle(torch.nn.Module):
 
 def val_loader(shapes, min_size, max_size, with_masks=False):
     dataset = shapes_split(shapes, "val", train=False, min_size=min_size, max_size=max_size, with_masks=with_masks)
-    return ev.build_loader(dataset, batch_size=4, train=False)
+    return data.build_loader(dataset, batch_size=4, train=False)
 
 
 def test_coco_eval_of_ground_truth_is_one_and_shifted_boxes_less(shapes):
@@ -995,14 +1018,14 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(shapes, cli_setup
     not_ckpt = tmp_path / "notes.pth"
     not_ckpt.write_text("hello")
     cases = [
-        (["--data-path", str(tmp_path / "nowhere")], "nowhere is not a folder"),
+        (["--data-path", str(tmp_path / "nowhere")], "nowhere: no such directory"),
         (["--data-path", str(no_ann)], "instances_val2017.json not found"),
         (["--data-path", str(broken_json)], "is not valid JSON"),
         (["--data-path", str(not_coco)], "is not COCO format"),
         (["--data-path", str(missing_image)], "000000000002.jpg is missing"),
         (["--data-path", shapes, "--model", "yolo"], "unknown model 'yolo'"),
-        (["--data-path", shapes, "--ckpt", str(not_ckpt)], "notes.pth is not a readable checkpoint"),
-        (["--data-path", shapes, "--ckpt", str(tmp_path / "none.pth")], "none.pth not found"),
+        (["--data-path", shapes, "--ckpt", str(not_ckpt)], "notes.pth: not a readable checkpoint"),
+        (["--data-path", shapes, "--ckpt", str(tmp_path / "none.pth")], "none.pth: no such file"),
         (["--data-path", shapes, "--model", "retinanet_r18"], "does not fit this model"),
         (["--data-path", shapes, "--visualize", "2"], "--visualize needs --out"),
     ]
@@ -1013,6 +1036,29 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(shapes, cli_setup
         assert ";" in err[0]  # problem; fix
     assert ckpt.read_bytes() == ckpt_bytes and not_ckpt.read_text() == "hello"
     assert not [p for p in os.listdir(root) if p.endswith(".json")]
+
+
+def test_cli_reads_the_model_name_from_model_pth_and_refuses_other_files(shapes, cli_setup, tmp_path, capsys):
+    """model.pth records its model: --model may be left out, and a --model that disagrees is one line; a bare
+    state dict needs --model; a resumable checkpoint.pth and an ake.pth are named as what they are."""
+    _, ckpt = cli_setup
+    state = torch.load(ckpt, weights_only=True)
+    model_pth, resumable, ake_pth = tmp_path / "model.pth", tmp_path / "checkpoint.pth", tmp_path / "ake.pth"
+    torch.save({"kind": utils.MODEL_KIND, "model": state, "model_name": "fcos_r18", "num_classes": 9,
+                "args": {"min_size": 128, "max_size": 192}}, model_pth)
+    torch.save({"kind": utils.CHECKPOINT_KIND, "stage": "distill", "run": "distill_fcos_r18",
+                "model": {f"student.{k}": v for k, v in state.items()}}, resumable)
+    torch.save({"kind": utils.AKE_FILE_KIND, "config": {}, "state_dict": {}}, ake_pth)
+    common = ["--data-path", shapes, "--workers", "0", "--batch-size", "6"]
+    metrics = ev.main(["--ckpt", str(model_pth)] + common)
+    assert capsys.readouterr().out.startswith("fcos_r18 from") and set(ev.METRIC_NAMES) <= set(metrics)
+    cases = [(["--ckpt", str(model_pth), "--model", "retinanet_r18"], "holds a fcos_r18; drop --model"),
+             (["--ckpt", str(ckpt)], "bare state dict that records no model name; pass --model"),
+             (["--ckpt", str(resumable)], "resumable training state of `distill distill_fcos_r18`"),
+             (["--ckpt", str(ake_pth), "--model", "fcos_r18"], "an AKE file")]
+    for argv, message in cases:
+        code, err = run_main(argv + common, capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
 
 
 def test_cli_corrupt_image_in_a_worker_process_is_one_line(shapes, cli_setup, tmp_path):
@@ -1050,7 +1096,7 @@ def _ddp_worker(rank, world_size, init_file, shapes, results_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         dataset = shapes_split(shapes, "val", train=False, min_size=64, max_size=96)
-        loader = ev.build_loader(dataset, batch_size=2, train=False, distributed=True)
+        loader = data.build_loader(dataset, batch_size=2, train=False, rank=rank, world_size=world_size)
         metrics = ev.evaluate(Oracle(loader), loader, "cpu")
         # the hook through a DDP wrapper: features come back and gradients still synchronise
         model = torch.nn.parallel.DistributedDataParallel(build("fcos_r18"))
@@ -1671,9 +1717,8 @@ def test_adapter_without_layers_has_only_used_parameters():
 
 
 def test_ake_evaluation_keeps_the_frozen_teacher_in_eval_mode():
-    import train
     teacher = detectors.build_detector("fcos_r18", 3, min_size=64, max_size=64).eval()
-    wrapper = train.AKEDetector(teacher, unikd.UniKD(num_classes=2, num_queries=10))
+    wrapper = ev.AKEDetector(teacher, unikd.UniKD(num_classes=2, num_queries=10))
     wrapper.train()  # what evaluate() does afterwards to a module that was in train mode
     assert wrapper.unikd.training and not any(m.training for m in teacher.modules())
 
@@ -1746,11 +1791,10 @@ def test_pretrain_and_distill_bad_input(pretrained, tmp_path):
 
 def write_store(path, batches, layout_args=(20, 256, "fp16")):
     """A knowledge store written with train.py's own writer pieces: batches = [(knowledge, image_ids, flip, hw)]."""
-    import train
-    layout = train.record_layout(*layout_args)
+    layout = knowledge_store.record_layout(*layout_args)
     partial = str(path) + ".partial"
     os.makedirs(partial)
-    records = np.concatenate([train.knowledge_to_records(k, ids, flip, hw, layout, layout_args[2])
+    records = np.concatenate([knowledge_store.knowledge_to_records(k, ids, flip, hw, layout, layout_args[2])
                               for k, ids, flip, hw in batches])
     records.tofile(os.path.join(partial, "shard_00000.bin"))
     with open(os.path.join(partial, "shard_00000.json"), "w") as f:
@@ -1759,9 +1803,9 @@ def write_store(path, batches, layout_args=(20, 256, "fp16")):
                    "entries_measured": 1}, f)
     params = {"num_queries": layout_args[0], "d_model": layout_args[1], "dtype": layout_args[2], "flips": [0, 1],
               "ake": "x", "ake_sha256": "x", "teacher": "fcos_r18"}
-    train.write_store_index(partial, params, [None], layout, 2)
+    knowledge_store.write_store_index(partial, params, 1, layout, 2)
     os.replace(partial, path)
-    return train.KnowledgeStore(str(path))
+    return knowledge_store.KnowledgeStore(str(path))
 
 
 def test_offline_step_equals_online_step_within_fp16(tmp_path):
@@ -1779,7 +1823,7 @@ def test_offline_step_equals_online_step_within_fp16(tmp_path):
     with torch.no_grad():
         out = detectors.forward_features(teacher, images, targets)
         knowledge = ake.teacher_knowledge(out.features, detectors.normalized_targets(out), torch.Generator().manual_seed(5))
-    store = write_store(tmp_path / "store", [(knowledge, [100, 101], 0, out.batch_size_hw)], (20, 256, "fp16"))
+    store = write_store(tmp_path / "store", [(knowledge, [100, 101], 0, out.padded_hw)], (20, 256, "fp16"))
     # the store keeps what was written: one flip state per image here (image 101 stored as flip 0)
     for t in targets:
         t["flipped"] = False
@@ -1791,7 +1835,7 @@ def test_offline_step_equals_online_step_within_fp16(tmp_path):
         if mode == "online":
             losses = model(images, targets, out.features, torch.Generator().manual_seed(5))
         else:
-            losses = model(images, targets, store=store)
+            losses = model(images, targets, knowledge_store=store)
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
@@ -1808,13 +1852,13 @@ def test_offline_step_equals_online_step_within_fp16(tmp_path):
             assert (d_off[n] - d_on[n]).abs().max().item() <= 2e-2 * scale + 1e-7, n
     assert changed > 0.9 * len(d_on)
     # and the stored embeddings are the online ones rounded to fp16
-    restored = store.knowledge(targets, out.batch_size_hw, torch.device("cpu"))
+    restored = store.knowledge(targets, out.padded_hw, torch.device("cpu"))
     torch.testing.assert_close(restored.z_ct, knowledge.z_ct.half().float(), rtol=0, atol=0)
     assert torch.equal(restored.pos_mask_ct, knowledge.pos_mask_ct) and torch.equal(restored.boxes, knowledge.boxes)
 
 
 def test_store_rescales_points_to_the_students_batch(tmp_path):
-    """A record dumped on a 64x96 canvas read into a 128x96 student batch: the same pixels, in new normalised units."""
+    """A record dumped on a 64x96 padded batch read into a 128x96 student batch: the same pixels, in new normalised units."""
     N, C = 3, 8
     k = unikd.Knowledge(torch.zeros(1, N, C), torch.tensor([[[0.5, 0.5], [0.25, 1.0], [1.0, 0.0]]]),
                         torch.zeros(1, N, C), torch.tensor([[[0.5, 0.5, 0.2, 0.4]] * N]), torch.zeros(1, N, C),
@@ -1836,15 +1880,14 @@ def dumped(pretrained):
 
 
 def test_dump_round_trip_and_storage_report(dumped):
-    import train
     cwd, one, store_dir, res = dumped
-    store = train.KnowledgeStore(str(store_dir))
+    store = knowledge_store.KnowledgeStore(str(store_dir))
     m = store.manifest
     assert m["teacher"] == "fcos_r18" and m["num_queries"] == 20 and m["d_model"] == 256 and m["dtype"] == "fp16"
     assert m["flips"] == [0, 1] and len(m["shards"]) == 3 and not os.path.exists(str(store_dir) + ".partial")
     ake = cwd / "runs" / "pretrain_fcos_r18" / "ake.pth"
-    assert m["ake_sha256"] == train.file_sha256(ake)
-    ds = ev.CocoDetection(str(cwd / "data" / "shapes_8x4_64x64_s0" / "train2017"),
+    assert m["ake_sha256"] == utils.file_sha256(ake)
+    ds = data.CocoDetection(str(cwd / "data" / "shapes_8x4_64x64_s0" / "train2017"),
                           str(cwd / "data" / "shapes_8x4_64x64_s0" / "annotations" / "instances_train2017.json"),
                           train=True, min_size=64, max_size=64)
     assert m["image_ids"] == sorted(ds.ids)
@@ -1855,8 +1898,8 @@ def test_dump_round_trip_and_storage_report(dumped):
             assert k.reference_ct.shape == (1, 20, 2) and k.boxes.shape == (1, 20, 4) and k.pos_mask_ct.dtype == torch.bool
             assert torch.isfinite(k.z_pos).all() and k.pos_mask_pos.any()
     rec = store.records([ds.ids[0]], [1])[0]
-    assert rec["z_ct"].dtype == np.float16 and rec["flip"] == 1 and tuple(rec["canvas"]) == (64, 64)
-    # storage: bytes per image by hand (4 fp16 [N, C] tensors, fp32 points and boxes, masks, id/canvas/flip)
+    assert rec["z_ct"].dtype == np.float16 and rec["flip"] == 1 and tuple(rec["padded_hw"]) == (64, 64)
+    # storage: bytes per image by hand (4 fp16 [N, C] tensors, fp32 points and boxes, masks, id/padded_hw/flip)
     s = m["storage"]
     assert 2 * (4 * 20 * 256 * 2 + 20 * 6 * 4 + 2 * 20) <= s["bytes_per_image"] <= 2 * (4 * 20 * 256 * 2 + 20 * 6 * 4 + 2 * 20 + 64)
     # FitNet at 64 px: levels 8x8 + 4x4 + 2x2 + 1x1 of 256 fp16 channels, both flips
@@ -1914,12 +1957,11 @@ def test_offline_distill_trains_without_a_teacher(dumped):
 
 
 def test_one_flip_store_trains_the_student_without_flips(dumped, tmp_path):
-    import train
     cwd, one, _, _ = dumped
     store = tmp_path / "unflipped"
     res = run(["--stage", "dump", "--dump-flips", "1", "--dump-dtype", "bf16", "--output-dir", str(store)] + one, cwd)
     assert res.returncode == 0, res.stderr[-3000:]
-    m = train.KnowledgeStore(str(store)).manifest
+    m = knowledge_store.KnowledgeStore(str(store)).manifest
     assert m["flips"] == [0] and m["dtype"] == "bf16" and all(set(v) == {"0"} for v in
                                                              json.loads((store / "index.json").read_text()).values())
     res = run(["--stage", "distill", "--student", "retinanet_r18", "--offline", str(store), "--output-dir",
@@ -2046,7 +2088,7 @@ def test_grid_table_flags_a_teacher_weaker_than_its_student_and_partial_cells():
              ("fcos_r50", "fcos_r18", "unikd", 0): result(0.05), ("fcos_r50", "fcos_r18", "unikd", 1): None,
              ("retinanet_r50", "fcos_r18", "none", 0): result(0.02), ("retinanet_r50", "fcos_r18", "none", 1): None,
              ("retinanet_r50", "fcos_r18", "unikd", 0): None, ("retinanet_r50", "fcos_r18", "unikd", 1): None}
-    md = train.grid_table(args, "runs/grid", prerequisites, cells, ["fcos_r50", "retinanet_r50"], ["fcos_r18"],
+    md = grid.grid_table(args, "runs/grid", prerequisites, cells, ["fcos_r50", "retinanet_r50"], ["fcos_r18"],
                           ["none", "unikd"], [0, 1])
     rows = {l.split(" |")[0]: [c.strip() for c in l.strip("|").split("|")] for l in md.splitlines() if "→" in l}
     assert rows["| fcos_r50 → fcos_r18 (homogeneous)"][1:] == [
@@ -2054,7 +2096,7 @@ def test_grid_table_flags_a_teacher_weaker_than_its_student_and_partial_cells():
     assert rows["| retinanet_r50 → fcos_r18 (heterogeneous)"][1:] == ["0.020 (1/2 seeds)", "—", "n/a"]
     header = next(l for l in md.splitlines() if l.startswith("| teacher → student"))
     assert header == "| teacher → student | none | unikd | gain unikd |"
-    only_none = train.grid_table(args, "runs/grid", prerequisites, cells, ["fcos_r50"], ["fcos_r18"], ["none"], [0])
+    only_none = grid.grid_table(args, "runs/grid", prerequisites, cells, ["fcos_r50"], ["fcos_r18"], ["none"], [0])
     table = [l for l in only_none.splitlines() if "→" in l or l == "| --- | ---: |"]
     assert table == ["| teacher → student | none |", "| --- | ---: |", "| fcos_r50 → fcos_r18 (homogeneous) | 0.020 |"]
     assert "| retinanet_r50 | 0.010 | — |" in md

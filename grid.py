@@ -1,0 +1,211 @@
+"""`--stage demo` and `--stage grid`: whole pipelines of train.py's stages (the paper's Table 2 in miniature).
+
+Every step (a teacher's training, its AKE's pretraining, one student cell) is its own run in its own folder, with its
+own checkpoint and result.json: a rerun skips finished steps and continues an interrupted one from its checkpoint.
+train.py dispatches here and hands over its parser and stages (this file does not import train.py).
+
+    python train.py --stage demo [--smoke]       # teacher -> AKE -> a heterogeneous student without KD and with UniKD
+    python train.py --stage grid --teachers fcos_r34 --students fcos_r18,retinanet_r18_v2 --methods none,fitnet,unikd
+"""
+import itertools
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import detectors
+from data import resolve_sizes
+from utils import UserError, atomic_write_json, atomic_write_text, canonical_model_name, is_main, log
+
+# flags a demo or grid passes on to each of its steps (data, image size, loader, device, precision, smoke caps)
+PASSED_ON = ("data_path", "train_images", "train_ann", "val_images", "val_ann", "min_size", "max_size",
+             "shapes_train", "shapes_val", "shapes_size", "shapes_seed", "workers", "batch_size", "amp", "max_iters",
+             "print_freq", "num_queries", "warmup_iters")  # (and the device, set on each step directly)
+SMOKE_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18_v2", shapes_train=32, shapes_val=16,
+                      shapes_size=[64, 96], batch_size=4, teacher_epochs=1, pretrain_epochs=1, student_epochs=1,
+                      warmup_iters=2, output_dir=os.path.join("runs", "smoke"))
+DEMO_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18_v2", shapes_train=256, shapes_val=64,
+                     teacher_epochs=3, pretrain_epochs=2, student_epochs=2, warmup_iters=40)
+GRID_DEFAULTS = dict(shapes_train=1000, shapes_val=250, teacher_epochs=12, pretrain_epochs=6, student_epochs=4,
+                     warmup_iters=200)
+
+
+class Steps:
+    """Runs train.py's stages as the steps of a pipeline, each in its own folder. make_parser: train.py's
+    get_args_parser; stages: its {name: stage function}; args and device: the pipeline's own."""
+
+    def __init__(self, args, device, make_parser, stages):
+        self.args, self.device, self.make_parser, self.stages = args, device, make_parser, stages
+
+    def passed_on_flags(self):
+        """The command-line flags of PASSED_ON whose values differ from the parser's defaults."""
+        defaults, flags = self.make_parser().parse_args([]), []
+        for name in PASSED_ON:
+            value = getattr(self.args, name)
+            if value == getattr(defaults, name) or value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            flags += [flag] if value is True else [flag] + [str(v) for v in (value if isinstance(value, list)
+                                                                            else [value])]
+        return flags
+
+    def run(self, out_dir, argv):
+        """One stage as its own run in out_dir -> its result.json ({"metrics", "seconds", "command"}). A step whose
+        result.json exists is skipped; an interrupted one continues from its checkpoint."""
+        args = self.args
+        result_file = os.path.join(out_dir, "result.json")
+        if os.path.isfile(result_file):
+            with open(result_file) as f:
+                return dict(json.load(f), skipped=True)
+        if args.stage == "grid" and args.report:  # only what has finished
+            return None
+        argv = argv + self.passed_on_flags() + ["--output-dir", out_dir]
+        step = self.make_parser().parse_args(argv)
+        if os.path.isfile(os.path.join(out_dir, "checkpoint.pth")):
+            step.resume = os.path.join(out_dir, "checkpoint.pth")
+        step.distributed, step.rank, step.world_size, step.device = (args.distributed, args.rank, args.world_size,
+                                                                     args.device)
+        resolve_sizes(step)
+        torch.manual_seed(step.seed + step.rank)
+        t0 = time.time()
+        log(args, f"== {' '.join(argv)}")
+        metrics = self.stages[step.stage](step, self.device)
+        result = {"metrics": metrics, "seconds": time.time() - t0, "command": "python train.py " + " ".join(argv)}
+        if is_main(args):
+            atomic_write_json(result_file, result)
+        return result
+
+    def teacher_and_ake(self, root, teacher):
+        """The teacher's training and its AKE's pretraining (seed 0), as steps of root -> (teacher result, AKE
+        result, ake.pth)."""
+        tdir, adir = os.path.join(root, f"teacher_{teacher}"), os.path.join(root, f"ake_{teacher}")
+        t = self.run(tdir, ["--stage", "train", "--model", teacher, "--epochs", str(self.args.teacher_epochs),
+                            "--eval-every", "0"])
+        a = self.run(adir, ["--stage", "pretrain", "--teacher", teacher, "--teacher-weights",
+                            os.path.join(tdir, "model.pth"), "--epochs", str(self.args.pretrain_epochs),
+                            "--eval-every", "0"])
+        return t, a, os.path.join(adir, "ake.pth")
+
+    def student(self, root, teacher, student, method, seed, ake):
+        return self.run(os.path.join(root, f"{teacher}__{student}__{method}__s{seed}"),
+                        ["--stage", "distill", "--student", student, "--method", method, "--ake", ake, "--seed",
+                         str(seed), "--epochs", str(self.args.student_epochs), "--eval-every", "0"])
+
+
+def explicit_flags(parser, argv):
+    """The dests of the flags given on the command line (not left at their defaults), sorted."""
+    unset = object()
+    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    return sorted(k for k, v in vars(parser.parse_args(argv)).items() if v is not unset)
+
+
+def apply_defaults(args, defaults):
+    """Fills the demo/grid schedule defaults into the flags the user did not give."""
+    for name, value in defaults.items():
+        if name not in args.explicit:
+            setattr(args, name, value)
+    args.min_size = args.min_size if "min_size" in args.explicit else None  # sizes follow the defaults' data
+    args.max_size = args.max_size if "max_size" in args.explicit else None
+    resolve_sizes(args)
+
+
+def stage_demo(args, steps):
+    """Teacher -> AKE -> one heterogeneous student without KD and with UniKD; a table of APs and step times. With
+    --smoke, the same on a few tiny images for a few iterations: it shows that every stage runs, not what it gains."""
+    apply_defaults(args, SMOKE_DEFAULTS if args.smoke else DEMO_DEFAULTS)
+    teacher = canonical_model_name(args.teacher, "--teacher")
+    student = canonical_model_name(args.student, "--student")
+    root = args.output_dir or os.path.join("runs", "demo")
+    t, a, ake = steps.teacher_and_ake(root, teacher)
+    rows = [("teacher", teacher, t), ("AKE (content queries)", f"AKE of {teacher}", a)]
+    for method in ("none", "unikd"):
+        rows.append((f"student, {'no KD' if method == 'none' else 'UniKD'}", student,
+                     steps.student(root, teacher, student, method, args.seed, ake)))
+    lines = ["| step | model | AP | AP50 | wall time |", "| --- | --- | ---: | ---: | ---: |"]
+    for step, model, r in rows:
+        m = r["metrics"]
+        lines.append(f"| {step} | {model} | {m.get('AP', float('nan')):.3f} | {m.get('AP50', float('nan')):.3f} | "
+                     f"{r['seconds']:.0f} s{' (earlier run)' if r.get('skipped') else ''} |")
+    ap = [r["metrics"].get("AP", float("nan")) for _, _, r in rows]
+    if ap[0] <= ap[2]:
+        lines.append(f"\nThe teacher (AP {ap[0]:.3f}) is not stronger than the student without KD (AP {ap[2]:.3f}): "
+                     f"there is nothing to distil; give it more --teacher-epochs.")
+    what = ("smoke test: every stage runs; on this handful of images the numbers mean nothing" if args.smoke else
+            "the pipeline on a small set and a short schedule, not the paper's gains")
+    log(args, "\n".join(["", f"demo ({root}): {what}"] + lines))
+    return {"rows": [(s, m, r["metrics"], r["seconds"]) for s, m, r in rows]}
+
+
+def stage_grid(args, steps):
+    """The paper's Table 2 in miniature: every (teacher, student, method, seed) cell trains and evaluates on its
+    own and writes its result.json; a rerun skips finished cells; results.md gathers mean +- std AP per cell."""
+    apply_defaults(args, GRID_DEFAULTS)
+    split = lambda text: [x for x in text.split(",") if x]  # noqa: E731
+    teachers = [canonical_model_name(x, "--teachers") for x in split(args.teachers)]
+    students = [canonical_model_name(x, "--students") for x in split(args.students)]
+    methods, seeds = split(args.methods), [int(x) for x in split(args.seeds)]
+    bad = [m for m in methods if m not in ("none", "fitnet", "unikd")]
+    if bad:
+        raise UserError(f"--methods {args.methods}: unknown method {bad[0]}; choose from none, fitnet, unikd")
+    root = args.output_dir or os.path.join("runs", "grid")
+    cells, prerequisites = {}, {}
+    for teacher in teachers:
+        t, a, ake = steps.teacher_and_ake(root, teacher)
+        prerequisites[teacher] = (t, a)
+        for student, method, seed in itertools.product(students, methods, seeds):
+            cells[teacher, student, method, seed] = steps.student(root, teacher, student, method, seed, ake)
+    if is_main(args):
+        path = os.path.join(root, "results.md")  # grids over disjoint cells may share a root and finish together
+        atomic_write_text(path, grid_table(args, root, prerequisites, cells, teachers, students, methods, seeds,
+                                           steps.passed_on_flags()))
+        log(args, f"wrote {path}")
+    return {"cells": len(cells)}
+
+
+def grid_table(args, root, prerequisites, cells, teachers, students, methods, seeds, passed_on=()):
+    """results.md: teacher and AKE AP, then per (teacher, student) the mean +- std AP over seeds of each method
+    and its gain over `none`, and the commands that reproduce every number."""
+    def ap(result):
+        return result["metrics"].get("AP", float("nan"))
+
+    def cell(values):  # "mean ± std" (one seed has no std), with the seed count where some have not finished
+        if not values:
+            return "—"
+        text = (f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1
+                else f"{values[0]:.3f}")
+        return text if len(values) == len(seeds) else f"{text} ({len(values)}/{len(seeds)} seeds)"
+    out = [f"# UniKD grid ({root})", "", f"Seeds {seeds}; AP = COCO box AP on the validation set, mean ± std over "
+           f"seeds; gain = mean AP − mean AP of `none`.", "", "| teacher | teacher AP | AKE AP |", "| --- | ---: | ---: |"]
+    for teacher in teachers:
+        t, a = prerequisites[teacher]
+        out.append(f"| {teacher} | " + " | ".join("—" if r is None else f"{ap(r):.3f}" for r in (t, a)) + " |")
+    columns = methods + [f"gain {m}" for m in methods if m != "none"]
+    out += ["", "| teacher → student | " + " | ".join(columns) + " |",
+            "| --- | " + " | ".join("---:" for _ in columns) + " |"]
+    weaker = []
+    for teacher, student in itertools.product(teachers, students):
+        values = {m: [ap(r) for r in (cells[teacher, student, m, s] for s in seeds) if r is not None]
+                  for m in methods}
+        row = [cell(values[m]) for m in methods]
+        gains = [f"{statistics.mean(values[m]) - statistics.mean(values['none']):+.3f}"
+                 if values.get("none") and values[m] else "n/a" for m in methods if m != "none"]
+        kind = "homogeneous" if detectors.family_of(teacher) == detectors.family_of(student) else "heterogeneous"
+        out.append(f"| {teacher} → {student} ({kind}) | " + " | ".join(row + gains) + " |")
+        t = prerequisites[teacher][0]
+        if t is not None and values.get("none") and ap(t) <= statistics.mean(values["none"]):
+            weaker.append(f"{teacher} (AP {ap(t):.3f}) is not stronger than {student} without KD (AP "
+                          f"{statistics.mean(values['none']):.3f}): nothing to distil; give it more --teacher-epochs.")
+    out += ([""] + [f"Note: {line}" for line in weaker]) if weaker else []
+    out += ["", "Commands (each cell's own `result.json` holds its command and wall time):", "", "```",
+            "python train.py --stage grid " + " ".join(
+                ["--teachers", ",".join(teachers), "--students", ",".join(students), "--methods", ",".join(methods),
+                 "--seeds", ",".join(map(str, seeds)), "--teacher-epochs", str(args.teacher_epochs),
+                 "--pretrain-epochs", str(args.pretrain_epochs), "--student-epochs", str(args.student_epochs)]
+                + list(passed_on) + (["--output-dir", root] if args.output_dir else []))]
+    for teacher in teachers:  # in the order they ran
+        out += [r["command"] for r in prerequisites[teacher] if r is not None]
+        out += [r["command"] for (t, *_), r in cells.items() if t == teacher and r is not None]
+    out += ["```", ""]
+    return "\n".join(out)
