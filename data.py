@@ -301,9 +301,11 @@ def build_loader(dataset, batch_size: int, train: bool, workers: int = 0, rank: 
     """Shuffled, flipping (train) or sequential loader over this rank's share of dataset (see EpochSampler; call
     loader.sampler.set_epoch(epoch) before each epoch)."""
     sampler = EpochSampler(dataset, shuffle=train, seed=seed, rank=rank, world_size=world_size)
+    # the loader's own generator seeds its workers, so that iterating it leaves the global random state alone
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        collate_fn=collate_fn, drop_last=train and len(sampler) > batch_size,
-                                       persistent_workers=workers > 0, worker_init_fn=leave_sigint_to_main)
+                                       generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,
+                                       worker_init_fn=leave_sigint_to_main)
 
 
 def leave_sigint_to_main(worker_id):

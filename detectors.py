@@ -63,11 +63,9 @@ AKE_STRIDES = (8, 16, 32, 64)
 
 # torchvision's size hyper-parameters are tuned for COCO at 800 px. Below that, anchor sizes (and FCOS's
 # ranges) are scaled by min_size / 800 but not below 1/2: smaller anchors no longer overlap on their level's
-# grid (anchor/stride would drop below 2; torchvision's is 4) and objects between two anchors match neither.
-# Measured on the embedded data (128x192): at 1/4, 42% of medium objects have no RetinaNet anchor at IoU>=0.5
-# and 35% of large ones no FCOS positive; at 1/2, >=98% of medium/large objects have both (and 77% of small
-# ones an IoU>=0.5 anchor; at 1, 25%). Proposal counts only need to follow the image area, so they shrink
-# further (floor 1/4).
+# grid (anchor/stride would drop below 2; torchvision's is 4) and objects between two anchors match neither
+# (the coverage counts behind the 1/2 are in RESULTS.md). Proposal counts only need to follow the image area, so
+# they shrink further (floor 1/4).
 REFERENCE_MIN_SIZE = 800
 MIN_ANCHOR_SCALE = 0.5
 MIN_PROPOSAL_SCALE = 0.25

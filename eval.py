@@ -28,7 +28,7 @@ import detectors
 import unikd
 from data import add_data_args, base_dataset, build_dataset, build_loader, data_flag_defaults, targets_to
 from utils import (AKE_FILE_KIND, CHECKPOINT_KIND, ArgumentParser, UserError, atomic_write_json, canonical_model_name,
-                   exit_on_user_error, frozen_unikd, load_ake_file)
+                   exit_on_user_error, frozen_unikd, load_ake_file, load_user_file)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 DATA_CHOICE = {k: v for k, v in data_flag_defaults().items() if k not in ("min_size", "max_size")}  # which data
@@ -206,18 +206,18 @@ def hstack(*pictures):
 
 
 @torch.no_grad()
-def sampling_pictures(teacher, ake, dataset, device, count, out_dir, seed=0):
+def sampling_pictures(teacher, akes, dataset, device, count, out_dir, seed=0):
     """Fig. 4: where the AKE's knowledge extractor f_e looks on the teacher's levels -- the attention-weighted
     sampling locations of its last layer, content queries in red (left), positional queries in green (right),
     summed over heads, levels and points; ground-truth boxes in lime. One PNG [3, h, 2w] per image."""
     os.makedirs(out_dir, exist_ok=True)
     teacher.eval().to(device)
-    ake.to(device)
+    akes.to(device)
     paths = []
     for index in range(min(count, len(dataset))):
         image, target = dataset[index]
         out = detectors.forward_features(teacher, [image.to(device)], targets_to([target], device))
-        k = ake.teacher_knowledge(out.features, detectors.normalized_targets(out),
+        k = akes.teacher_knowledge(out.features, detectors.normalized_targets(out),
                                   torch.Generator().manual_seed(seed + index))
         h_pad, w_pad = out.padded_hw
         h, w = image.shape[-2:]
@@ -225,8 +225,8 @@ def sampling_pictures(teacher, ake, dataset, device, count, out_dir, seed=0):
         grey = to_uint8(0.4 * image.mean(0, keepdim=True).expand(3, -1, -1))
         picture = draw_bounding_boxes(grey, target["boxes"], colors=LIME, width=1)
         halves = []
-        for model, queries, color in ((ake.ake_ct, unikd.Queries(k.queries_ct, k.reference_ct), RED),
-                                      (ake.ake_pos, unikd.Queries(k.queries_pos, k.boxes), GREEN)):
+        for model, queries, color in ((akes.ake_ct, unikd.Queries(k.queries_ct, k.reference_ct), RED),
+                                      (akes.ake_pos, unikd.Queries(k.queries_pos, k.boxes), GREEN)):
             _, samplings = model.extract(queries, out.features, return_sampling=True)
             locations, weights = samplings[-1]                   # [1, N, H, L, P, 2], [1, N, H, L, P]
             heat = splat(locations, weights, h_pad, w_pad)[:h, :w]
@@ -317,12 +317,7 @@ def checkpoint_info(path, flag="--ckpt") -> dict:
     """What a checkpoint of train.py says about itself: {"model_name" (or None for a bare state dict), "args"};
     a UserError for files that are not a detector's weights (resumable training state, ake.pth, garbage)."""
     fix = "pass a model.pth / student.pth written by train.py"
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file; {fix}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__}); {fix}") from None
+    obj = load_user_file(path, flag, "a readable checkpoint", fix)
     if not isinstance(obj, dict):
         raise UserError(f"{flag} {path}: holds no model state dict; {fix}")
     if obj.get("kind") == CHECKPOINT_KIND:
@@ -392,8 +387,8 @@ def write_pictures(args, name, model, dataset):
     """The picture flags' PNGs (no evaluation) -> their paths."""
     paths = []
     if args.sampling:
-        ake = frozen_unikd(load_ake_file(args.sampling, "--sampling", dataset.num_classes, teacher=name))
-        paths += sampling_pictures(model, ake, dataset, args.device, args.pictures, args.out)
+        akes = frozen_unikd(load_ake_file(args.sampling, "--sampling", dataset.num_classes, teacher=name))
+        paths += sampling_pictures(model, akes, dataset, args.device, args.pictures, args.out)
     if args.density:
         os.makedirs(args.out, exist_ok=True)
         models = [(name, model)] + [named_model(spec, dataset, args) for spec in args.density]

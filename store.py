@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import unikd
-from utils import UserError, atomic_write_json, canonical_model_name, file_sha256
+from utils import UserError, atomic_write, atomic_write_json, canonical_model_name, file_sha256
 
 STORE_KIND = "unikd_knowledge_store"
 STORE_VERSION = 2  # 2: the record's batched-tensor size is named padded_hw
@@ -257,8 +257,7 @@ class StoreWriter:
     def write_shard(self, k, records, fitnet_full, fitnet_fg):
         """The shard's records (.bin), then its entries with their CRCs (.json, which marks it complete)."""
         name = os.path.join(self.partial, f"shard_{k:05d}")
-        records.tofile(name + ".bin.tmp")
-        os.replace(name + ".bin.tmp", name + ".bin")
+        atomic_write(name + ".bin", records.tofile)
         entries = [[int(r["image_id"]), int(r["flip"]), zlib.crc32(r.tobytes())] for r in records]
         atomic_write_json(name + ".json", {"entries": entries, "fitnet_full_bytes": sum(fitnet_full),
                                            "fitnet_fg_bytes": sum(fitnet_fg), "entries_measured": len(fitnet_full)},

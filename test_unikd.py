@@ -11,10 +11,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import argparse
 import ast
 import copy
+import inspect
 import itertools
 import json
 import math
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -399,9 +403,9 @@ def test_msdeformattn_backends_agree_and_all_parameters_get_gradients():
 
 @pytest.mark.skipif(msda.triton is None, reason="triton not installed")
 def test_unikd_both_stages_agree_across_msda_backends():
-    """The whole module, which the kernel tests do not reach (the query side computed once per batch and read by
-    the teacher and the student side): pretraining and distillation losses and gradients with every MSDA on the
-    Triton kernels (interpreted here; CUDA where there is one) equal those of the PyTorch path."""
+    """The whole module, which the kernel tests do not reach (queries generated from the teacher's levels, then the
+    teacher's and the student's levels read with them): pretraining and distillation losses and gradients with every
+    MSDA on the Triton kernels (interpreted here; CUDA where there is one) equal those of the PyTorch path."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
     shapes = [(8, 12), (4, 6), (2, 3), (1, 2)]
@@ -1355,9 +1359,10 @@ def plain_decoder_layer(layer, tgt, pos, reference, feats):
     return layer.norm_ffn(x + layer.ffn(x))
 
 
-def test_decoder_layer_and_its_shared_query_side_match_a_plain_layer():
-    """forward = read(attend(...)) against the op-by-op layer; a query side of batch 1 (image-independent queries:
-    the content generator) and one reused for other levels of the same shapes (teacher -> student) read the same."""
+def test_decoder_layer_matches_a_plain_layer():
+    """forward (self-attention -> MSDA cross-attention -> FFN) against the op-by-op layer, on two sets of levels read
+    with the same queries (teacher and student, as Eq. 7 reads them), for point and box references, with queries that
+    differ per image and queries shared by the images (the content AKE's); return_sampling changes nothing else."""
     g = torch.Generator().manual_seed(30)
     torch.manual_seed(30)
     layer = unikd.DecoderLayer(d_model=32, n_heads=4, dim_ffn=64).eval()
@@ -1365,16 +1370,19 @@ def test_decoder_layer_and_its_shared_query_side_match_a_plain_layer():
         torch.nn.init.normal_(p, std=0.3)
     teacher, student = feats(2, g), feats(2, g)
     memory = lambda f: unikd.FeatureMemory(*flatten_levels(f))  # noqa: E731
-    for ref_dim in (2, 4):
-        tgt, pos = torch.randn(1, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
-        reference = torch.rand(1, 5, ref_dim, generator=g) * 0.5 + 0.25
+    for ref_dim, shared in itertools.product((2, 4), (True, False)):
+        n = 1 if shared else 2
+        tgt, pos = torch.randn(n, 5, 32, generator=g), torch.randn(n, 5, 32, generator=g)
+        reference = torch.rand(n, 5, ref_dim, generator=g) * 0.5 + 0.25
         batch = [t.expand(2, -1, -1) for t in (tgt, pos, reference)]
         with torch.no_grad():
-            expected = [plain_decoder_layer(layer, *batch, f) for f in (teacher, student)]
-            torch.testing.assert_close(layer(*batch, memory(teacher))[0], expected[0], rtol=1e-4, atol=1e-5)
-            shared = layer.attend(tgt, pos, reference, memory(teacher).spatial_shapes)   # batch 1
-            for f, want in zip((teacher, student), expected):
-                torch.testing.assert_close(layer.read(shared, memory(f)), want, rtol=1e-4, atol=1e-5)
+            for f in (teacher, student):
+                want = plain_decoder_layer(layer, *batch, f)
+                torch.testing.assert_close(layer(*batch, memory(f)), want, rtol=1e-4, atol=1e-5)
+                out, (locations, weights) = layer(*batch, memory(f), return_sampling=True)
+                torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+                assert locations.shape == (2, 5, 4, 4, 4, 2) and weights.shape == (2, 5, 4, 4, 4)
+                torch.testing.assert_close(weights.sum((-2, -1)), torch.ones(2, 5, 4))
 
 
 def test_ake_pretraining_overfits_one_batch():
@@ -1392,6 +1400,17 @@ def test_ake_pretraining_overfits_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < first / 10, (first, loss.item())
+
+
+def test_unikd_forward_is_the_pretraining_loss():
+    """forward is what a DDP wrapper runs: stage 1's loss, the only stage that trains the AKEs."""
+    g = torch.Generator().manual_seed(16)
+    model = unikd.UniKD(num_classes=3, **SMALL)
+    f, targets = feats(2, g), random_targets([2, 1], 3, g)
+    via_forward = model(f, targets, generator=torch.Generator().manual_seed(3))
+    direct = model.pretrain_loss(f, targets, torch.Generator().manual_seed(3))
+    assert via_forward.keys() == direct.keys() and len(direct) == 6
+    assert all(torch.equal(via_forward[k], direct[k]) for k in direct)
 
 
 def frozen_unikd():
@@ -1523,6 +1542,27 @@ def test_readme_snippet_runs_verbatim():
     assert math.isfinite(namespace["loss"].item()) and all(p.grad is None for p in namespace["ake"].parameters())
 
 
+def test_unikd_and_its_kernel_file_copied_alone_run_both_stages(tmp_path):
+    """The promise of the two copy-me files: unikd.py + deform_attn_triton.py alone in a folder import (nothing else of
+    this repository is importable there) and run README's snippet, both stages."""
+    for name in ("unikd.py", "deform_attn_triton.py"):
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    script = "\n".join([
+        "import importlib.util, math, torch", "import torch.nn.functional as F",
+        "from torchvision.ops import box_convert",
+        "assert all(importlib.util.find_spec(m) is None for m in ('detectors', 'train', 'data', 'utils'))",
+        inspect.getsource(random_gt), inspect.getsource(random_targets), inspect.getsource(ToyFPN),
+        "g = torch.Generator().manual_seed(15)", "teacher, student = ToyFPN().eval(), ToyFPN()",
+        "loader = [(torch.rand(2, 3, 64, 64, generator=g), random_targets([2, 1], 3, g)) for _ in range(2)]",
+        "K, teacher_fpn = 3, teacher.levels", readme_snippet(),
+        "assert math.isfinite(loss.item()) and all(p.grad is None for p in ake.parameters())", "print('both stages ran')"])
+    (tmp_path / "use_unikd.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, "-E", "-s", "use_unikd.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "both stages ran" in proc.stdout, proc.stderr[-3000:]
+
+
 # ====================================================================================================================
 # the stages (train.py)
 # ====================================================================================================================
@@ -1594,6 +1634,53 @@ def test_killed_run_resumes_to_the_same_epoch_count(tmp_path):
     assert f"resumed from {ckpt_path} at epoch {first + 1}" in res.stdout
     assert torch.load(ckpt_path, map_location="cpu", weights_only=False)["epoch"] == 2
     assert not list(ckpt_path.parent.glob("*.tmp"))
+
+
+def test_sigint_mid_epoch_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path):
+    """Ctrl-C: the run stops after the current iteration with a checkpoint of it and prints the exact command that
+    continues it; resumed mid-epoch (same data order), it ends with the parameters of a run never interrupted. A
+    fresh run never appends to an older run's log."""
+    args = ["--stage", "train", "--model", "fcos_r18", "--epochs", "2", "--eval-every", "0"] + TINY + \
+        ["--shapes-train", "16"]  # 8 iterations per epoch
+    reference_dir, cut_dir = tmp_path / "reference", tmp_path / "cut"
+    out = reference_dir / "runs" / "train_fcos_r18"
+    out.mkdir(parents=True)
+    (out / "log.jsonl").write_text('{"older": 1}\n')  # a run killed before its first checkpoint left its log
+    res = run(args, reference_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "log.previous-1.jsonl").read_text() == '{"older": 1}\n'
+    assert "older" not in (out / "log.jsonl").read_text()
+    reference = torch.load(out / "model.pth", map_location="cpu", weights_only=True)["model"]
+
+    cut_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, TRAIN] + args, cwd=cut_dir, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
+    for line in proc.stdout:
+        if line.startswith("epoch 0 [2/8]"):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
+    ckpt = torch.load(cut_dir / "runs" / "train_fcos_r18" / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 0 and 2 <= ckpt["iteration"] < 8  # mid-epoch, after the iteration it was in
+    command = stdout.split("continue with: ", 1)[1].strip()
+    assert command == "python train.py " + shlex.join(args + ["--resume", "runs/train_fcos_r18/checkpoint.pth"])
+    res = run(shlex.split(command)[2:], cut_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"at epoch 0, iteration {ckpt['iteration']}" in res.stdout
+    resumed = torch.load(cut_dir / "runs" / "train_fcos_r18" / "model.pth", map_location="cpu", weights_only=True)
+    assert resumed["model"].keys() == reference.keys()
+    for k, v in reference.items():
+        assert torch.equal(resumed["model"][k], v), k
+
+
+def test_torchrun_user_error_is_one_line_from_rank_0_and_every_worker_exits_2(tmp_path):
+    res = run(["--stage", "train", "--model", "yolo_r50"] + TINY, tmp_path, torchrun=2)
+    errors = [l for l in (res.stdout + res.stderr).splitlines() if "error: " in l and "yolo_r50" in l]
+    assert len(errors) == 1 and errors[0].startswith("error: --model yolo_r50"), res.stderr[-3000:]
+    assert sorted(re.findall(r"exitcode\s+: (-?\d+)", res.stderr)) == ["2", "2"], res.stderr[-3000:]
+    assert f'File "{TRAIN}"' not in res.stderr  # torchrun's own summary follows, but no worker traceback
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
 
 
 def test_bad_input_is_one_clear_line(tmp_path):

@@ -36,7 +36,7 @@ import unikd
 from eval import AKEDetector, evaluate
 from utils import (CHECKPOINT_KIND, MODEL_KIND, AKE_FILE_KIND, ArgumentParser, UserError, atomic_save,
                    atomic_write_json, canonical_model_name, file_sha256, frozen_unikd, init_distributed, is_main,
-                   load_ake_file, log, report_user_error)
+                   load_ake_file, load_user_file, log, report_user_error)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -307,13 +307,8 @@ class JsonlLogger:
 
 def load_checkpoint(path, args=None):
     """A resumable checkpoint (of this stage and model when args are given), or a UserError naming the problem."""
-    if not os.path.isfile(path):
-        raise UserError(f"--resume {path}: no such file; pass the checkpoint.pth of an earlier run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle/zip errors: not a torch file at all
-        raise UserError(f"--resume {path}: not a checkpoint ({type(e).__name__}); pass the checkpoint.pth of an "
-                        f"earlier run") from None
+    ckpt = load_user_file(path, "--resume", "a checkpoint", "pass the checkpoint.pth of an earlier run",
+                          weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise UserError(f"--resume {path}: not a train.py checkpoint (no optimizer/epoch state); "
                         f"pass the checkpoint.pth of an earlier run")
@@ -487,12 +482,12 @@ class Distiller(torch.nn.Module):
     """Student + adapter phi (+ frozen AKEs): one module for DDP, the optimizer and checkpoints.
     forward -> the student's detection losses + the KD loss of its method."""
 
-    def __init__(self, student, method, ake=None, adapter_layers=2, lambdas=(10.0, 10.0), fitnet_weight=1.0):
+    def __init__(self, student, method, akes=None, adapter_layers=2, lambdas=(10.0, 10.0), fitnet_weight=1.0):
         super().__init__()
         self.student, self.method, self.lambdas, self.fitnet_weight = student, method, lambdas, fitnet_weight
         channels = detectors.fpn_channels(student)
         self.adapter = unikd.Adapter(channels, num_layers=adapter_layers) if method != "none" else None
-        self.unikd = ake.freeze() if ake is not None else None  # AKE frozen: eval mode, no grads (sec. 3.2.3)
+        self.unikd = akes.freeze() if akes is not None else None  # AKE frozen: eval mode, no grads (sec. 3.2.3)
 
     def forward(self, images, targets, teacher_features=None, generator=None, knowledge_store=None):
         """The teacher side comes from teacher_features (online) or from a KnowledgeStore (offline: the entries of

@@ -145,16 +145,21 @@ def log(args, *msg):
 
 # ------------------------------------------------------------------------------------------------------ ake.pth
 
+def load_user_file(path, flag, what, fix, weights_only=True):
+    """torch.load of a file the user named, or a UserError "<flag> <path>: no such file | not <what>; <fix>"."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # torch and pickle raise many types for a file that is not theirs
+        raise UserError(f"{flag} {path}: not {what} ({type(e).__name__}); {fix}") from None
+
+
 def load_ake_file(path, flag="--ake", num_classes=None, teacher=None):
     """ake.pth -> its dict {kind, config, state_dict, teacher, teacher_weights, num_classes, min_size, max_size, ...},
     checked against the dataset's class count and the teacher the user named, or a UserError naming the problem."""
     hint = "pass the ake.pth written by --stage pretrain"
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file; {hint}")
-    try:
-        ake_file = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"{flag} {path}: not an AKE file ({type(e).__name__}); {hint}") from None
+    ake_file = load_user_file(path, flag, "an AKE file", hint, weights_only=False)
     if not isinstance(ake_file, dict) or ake_file.get("kind") != AKE_FILE_KIND:
         raise UserError(f"{flag} {path}: not an AKE file (no UniKD AKE state in it); {hint}")
     if num_classes is not None and ake_file["num_classes"] != num_classes:
