@@ -129,7 +129,7 @@ def stage_demo(args, steps):
         lines.append(f"| {step} | {model} | {m.get('AP', float('nan')):.3f} | {m.get('AP50', float('nan')):.3f} | "
                      f"{r['seconds']:.0f} s{' (earlier run)' if r.get('skipped') else ''} |")
     ap = [r["metrics"].get("AP", float("nan")) for _, _, r in rows]
-    if ap[0] <= ap[2]:
+    if ap[0] <= ap[2] and not args.smoke:
         lines.append(f"\nThe teacher (AP {ap[0]:.3f}) is not stronger than the student without KD (AP {ap[2]:.3f}): "
                      f"there is nothing to distil; give it more --teacher-epochs.")
     what = ("smoke test: every stage runs; on this handful of images the numbers mean nothing" if args.smoke else

@@ -240,17 +240,9 @@ def feedforward(d_model, dim_ffn, dropout):
                          nn.Linear(dim_ffn, d_model))
 
 
-class Attended(NamedTuple):
-    """The query side of a decoder layer, everything before it reads the feature levels: it depends on the queries
-    alone, so a layer reading the teacher's and the student's levels with the same queries computes it once."""
-    tgt: torch.Tensor        # [B, N, C] after self-attention
-    locations: torch.Tensor  # [B, N, H, L, P, 2] MSDA sampling locations
-    weights: torch.Tensor    # [B, N, H, L, P] MSDA attention weights
-
-
 class DecoderLayer(nn.Module):
-    """Self-attention among the queries, deformable cross-attention into the feature levels, FFN (Deformable DETR).
-    forward = read(attend(queries), levels)."""
+    """Deformable DETR's decoder layer (post-norm): self-attention among the queries, deformable cross-attention into
+    the feature levels, FFN."""
 
     def __init__(self, d_model=256, n_heads=8, n_levels=4, n_points=4, dim_ffn=1024, dropout=0.0):
         super().__init__()
@@ -263,29 +255,20 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt, query_pos, reference, memory, return_sampling=False):
-        """tgt [B, N, C]; query_pos [B, N, C] or None; reference [B, N, 2|4] normalised; -> (tgt, sampling or None),
-        sampling = (locations [B, N, H, L, P, 2], attention weights [B, N, H, L, P])."""
-        attended = self.attend(tgt, query_pos, reference, memory.spatial_shapes)
-        return self.read(attended, memory), (attended.locations, attended.weights) if return_sampling else None
-
-    def attend(self, tgt, query_pos, reference, spatial_shapes):
-        """The query side -> Attended: self-attention, then where and how strongly each query reads each level."""
+        """tgt [B, N, C]; query_pos [B, N, C] or None; reference [B, N, 2|4] normalised; memory a FeatureMemory
+        -> tgt [B, N, C]. With return_sampling, (tgt, (sampling locations [B, N, H, L, P, 2], attention weights
+        [B, N, H, L, P])): where the queries read the levels."""
         q = k = tgt if query_pos is None else tgt + query_pos
         tgt = self.norm_self(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
         query = tgt if query_pos is None else tgt + query_pos
-        # one normalised reference for every level, no padding masks (valid ratio 1): coordinates are relative
-        # to the padded batch tensor
-        ref = reference[:, :, None].expand(-1, -1, spatial_shapes.shape[0], -1)          # [B, N, L, 2|4]
-        return Attended(tgt, *self.cross_attn.sampling(query, ref, spatial_shapes))
-
-    def read(self, attended, memory):
-        """The feature side: cross-attention into memory's levels with attended's locations, then the FFN ->
-        [B, N, C]. An Attended of batch 1 serves every image of memory (queries that do not depend on the image)."""
-        B = memory.value.shape[0]
-        tgt, locations, weights = (t.expand(B, *t.shape[1:]) for t in attended)
-        out = self.cross_attn.read(memory.value, memory.spatial_shapes, memory.level_start_index, locations, weights)
+        # one normalised reference for every level, no padding masks (valid ratio 1): coordinates are relative to the
+        # padded batch tensor
+        ref = reference[:, :, None].expand(-1, -1, memory.spatial_shapes.shape[0], -1)   # [B, N, L, 2|4]
+        out, locations, weights = self.cross_attn(query, ref, memory.value, memory.spatial_shapes,
+                                                  memory.level_start_index, return_sampling=True)
         tgt = self.norm_cross(tgt + self.dropout(out))
-        return self.norm_ffn(tgt + self.dropout(self.ffn(tgt)))
+        tgt = self.norm_ffn(tgt + self.dropout(self.ffn(tgt)))
+        return (tgt, (locations, weights)) if return_sampling else tgt
 
 
 class EncoderLayer(nn.Module):
@@ -386,10 +369,7 @@ class AKE(nn.Module):
         nn.init.zeros_(self.box_head.layers[-1].bias)
 
     def memory(self, feats):
-        """Level list -> FeatureMemory; each level gets its learned level embedding (the value input of MSDA).
-        A FeatureMemory (this AKE's, already made) is returned as it is, so one serves several calls."""
-        if isinstance(feats, FeatureMemory):
-            return feats
+        """Level list -> FeatureMemory, each level with its learned level embedding added (the value input of MSDA)."""
         if len(feats) != self.n_levels:
             raise ValueError(f"AKE expects {self.n_levels} feature levels, got {len(feats)}")
         feats = [f + e[None, :, None, None].to(f.dtype) for f, e in zip(feats, self.level_embed)]
@@ -406,37 +386,25 @@ class AKE(nn.Module):
         memory = self.memory(teacher_feats)
         B = memory.value.shape[0]
         if self.kind == "content":
-            # E, its positional embedding and the reference points are the same for every image: the query side of
-            # f_ct (self-attention, sampling locations and weights) runs once, for a batch of 1
-            pos = self.query_pos(1)
-            tgt = self.query_embed.weight[None, :, self.d_model:]                        # E      [1, N, C]
-            reference = self.reference_points(pos).float().sigmoid()                     #        [1, N, 2]
-            attended = self.query_generator.attend(tgt, pos, reference, memory.spatial_shapes)
-            return Queries(self.query_generator.read(attended, memory), reference.expand(B, -1, -1))
-        if boxes is None:
-            raise ValueError("the positional AKE needs the sampled boxes B^ [B, N, 4] (see sample_query_boxes)")
-        reference = boxes.float()  # float32 even under autocast: bf16 would move a box by up to 1/256
-        q, _ = self.query_generator(self.box_embed(reference), None, reference, memory)   # E' = FC(B^) [B, N, C]
-        return Queries(q, reference)
+            pos = self.query_pos(B)
+            tgt = self.query_embed.weight[None, :, self.d_model:].expand(B, -1, -1)     # E      [B, N, C]
+            reference = self.reference_points(pos).float().sigmoid()                     #        [B, N, 2]
+        else:
+            if boxes is None:
+                raise ValueError("the positional AKE needs the sampled boxes B^ [B, N, 4] (see sample_query_boxes)")
+            reference = boxes.float()  # float32 even under autocast: bf16 would move a box by up to 1/256
+            pos, tgt = None, self.box_embed(reference)                                   # E' = FC(B^) [B, N, C]
+        return Queries(self.query_generator(tgt, pos, reference, memory), reference)
 
-    def attend(self, queries, spatial_shapes):
-        """The query side of f_e's first layer -> Attended. The same for F^T and phi(F^S) (Eq. 7 reads both with
-        the same queries), so distillation computes it once; `extract(..., attended=)` takes it."""
-        pos = self.query_pos(queries.tgt.shape[0])
-        return self.extractor[0].attend(queries.tgt, pos, queries.reference, spatial_shapes)
-
-    def extract(self, queries, feats, return_sampling=False, attended=None):
-        """Eq. (5): z = f_e(q, F*) -> [B, N, C]. With return_sampling, also the list over f_e's layers of
-        (sampling_locations [B, N, H, L, P, 2], attention_weights [B, N, H, L, P]): where the queries look (Fig. 4).
-        attended: `attend(queries, ...)` for levels of these spatial shapes, if already computed."""
+    def extract(self, queries, feats, return_sampling=False):
+        """Eq. (5): z = f_e(q, F*) -> [B, N, C]. With return_sampling, (z, the list over f_e's layers of
+        (sampling_locations [B, N, H, L, P, 2], attention_weights [B, N, H, L, P]): where the queries look, Fig. 4)."""
         memory = self.memory(feats)
         pos = self.query_pos(queries.tgt.shape[0])
         z, samplings = queries.tgt, []
-        for i, layer in enumerate(self.extractor):
-            a = attended if i == 0 and attended is not None else \
-                layer.attend(z, pos, queries.reference, memory.spatial_shapes)
-            z = layer.read(a, memory)
-            samplings.append((a.locations, a.weights))
+        for layer in self.extractor:
+            z, sampling = layer(z, pos, queries.reference, memory, return_sampling=True)
+            samplings.append(sampling)
         return (z, samplings) if return_sampling else z
 
     def head(self, z, queries):
@@ -501,16 +469,9 @@ class UniKD(nn.Module):
                                  w_giou=cost_giou)
         self.frozen = False
 
-    def forward(self, teacher_feats, targets, student_features=None, generator=None, mode="pretrain",
-                lambda_ct=10.0, lambda_pos=10.0):
-        """One entry point for DDP: mode="pretrain" -> pretrain_loss; mode="distill" -> distill_loss."""
-        if mode == "pretrain":
-            return self.pretrain_loss(teacher_feats, targets, generator)
-        if mode == "distill":
-            if student_features is None:
-                raise ValueError("mode='distill' needs student_features: the adapted student levels phi(F^S)")
-            return self.distill_loss(teacher_feats, student_features, targets, lambda_ct, lambda_pos, generator)
-        raise ValueError(f"mode must be 'pretrain' or 'distill', got {mode!r}")
+    def forward(self, teacher_feats, targets, generator=None):
+        """= pretrain_loss: stage 1 is the only stage that trains the AKEs, so it is the call a DDP wrapper runs."""
+        return self.pretrain_loss(teacher_feats, targets, generator)
 
     def sample_boxes(self, targets, device, generator=None):
         """B^ for every image (Eq. 3) -> (boxes [B, N, 4], pos_mask [B, N] bool: rows < N' of each image)."""
@@ -549,50 +510,37 @@ class UniKD(nn.Module):
         q = self.ake_ct.generate_queries(teacher_feats)
         return self.ake_ct.head(self.ake_ct.extract(q, teacher_feats), q)
 
-    def teacher_knowledge(self, teacher_feats, targets, generator=None):
-        """Everything Eq. (7) needs from the teacher: queries (generated once from F^T), z^T and the positive masks."""
-        return self.teacher_side(teacher_feats, targets, generator)[0]
-
     @torch.no_grad()
-    def teacher_side(self, teacher_feats, targets, generator=None):
-        """-> (Knowledge, (Attended of the content extractor, of the positional one)): the knowledge and the query
-        side of both extractors' first layers, which the student side can reuse for levels of the same shapes."""
+    def teacher_knowledge(self, teacher_feats, targets, generator=None):
+        """The teacher side of Eq. (7) -> Knowledge: the queries generated from F^T (Eq. 3-4), z^T = f_e(q, F^T)
+        (Eq. 5) and which queries are positive for Eq. (8)."""
         device = teacher_feats[0].device
         boxes, pos_mask_pos = self.sample_boxes(targets, device, generator)
-        # each AKE's flattened teacher levels serve its query generator and its extractor
-        memory_ct, memory_pos = self.ake_ct.memory(teacher_feats), self.ake_pos.memory(teacher_feats)
-        q_ct = self.ake_ct.generate_queries(memory_ct)
-        q_pos = self.ake_pos.generate_queries(memory_pos, boxes)
-        attended = (self.ake_ct.attend(q_ct, memory_ct.spatial_shapes),
-                    self.ake_pos.attend(q_pos, memory_pos.spatial_shapes))
-        z_ct = self.ake_ct.extract(q_ct, memory_ct, attended=attended[0])
-        z_pos = self.ake_pos.extract(q_pos, memory_pos, attended=attended[1])
+        q_ct = self.ake_ct.generate_queries(teacher_feats)
+        q_pos = self.ake_pos.generate_queries(teacher_feats, boxes)
+        z_ct = self.ake_ct.extract(q_ct, teacher_feats)
+        z_pos = self.ake_pos.extract(q_pos, teacher_feats)
         # content positives: the queries the teacher's own predictions FFN(z_ct^T) match to a GT
         logits, pred = self.ake_ct.head(z_ct, q_ct)
         pos_mask_ct = torch.zeros_like(pos_mask_pos)
         for b, (src, _) in enumerate(self.matcher(logits, pred, targets)):
             pos_mask_ct[b, src.to(device)] = True
-        knowledge = Knowledge(q_ct.tgt, q_ct.reference, q_pos.tgt, q_pos.reference, z_ct, z_pos, pos_mask_ct,
-                              pos_mask_pos)
-        return knowledge, attended
+        return Knowledge(q_ct.tgt, q_ct.reference, q_pos.tgt, q_pos.reference, z_ct, z_pos, pos_mask_ct, pos_mask_pos)
 
-    def student_loss(self, knowledge, student_feats, lambda_ct=10.0, lambda_pos=10.0, attended=(None, None)):
-        """Eq. (7): the frozen extractors read phi(F^S) with the teacher's queries; gradients reach only the student
-        features (and through them phi and the student) -> {"loss_kd_ct", "loss_kd_pos"}. attended: teacher_side's
-        query sides, valid for student levels of the teacher's shapes (recomputed when None)."""
+    def student_loss(self, knowledge, student_feats, lambda_ct=10.0, lambda_pos=10.0):
+        """The student side of Eq. (7) -> {"loss_kd_ct", "loss_kd_pos"}: the frozen extractors read the adapted student
+        levels phi(F^S) with the teacher's queries, and Eq. (8) compares the result with z^T. Gradients reach only
+        student_feats (and through them phi and the student)."""
         k = knowledge
-        z_ct = self.ake_ct.extract(Queries(k.queries_ct, k.reference_ct), student_feats, attended=attended[0])
-        z_pos = self.ake_pos.extract(Queries(k.queries_pos, k.boxes), student_feats, attended=attended[1])
+        z_ct = self.ake_ct.extract(Queries(k.queries_ct, k.reference_ct), student_feats)  # f_e(q_ct, phi(F^S))
+        z_pos = self.ake_pos.extract(Queries(k.queries_pos, k.boxes), student_feats)    # f_e(q_pos, phi(F^S))
         return {"loss_kd_ct": lambda_ct * decoupled_mse(z_ct, k.z_ct, k.pos_mask_ct),
                 "loss_kd_pos": lambda_pos * decoupled_mse(z_pos, k.z_pos, k.pos_mask_pos)}
 
     def distill_loss(self, teacher_feats, student_feats, targets, lambda_ct=10.0, lambda_pos=10.0, generator=None):
         """Online Eq. (7): student_loss(teacher_knowledge(...), ...). student_feats are the adapted phi(F^S)."""
-        knowledge, attended = self.teacher_side(teacher_feats, targets, generator)
-        if not self.frozen or [f.shape[-2:] for f in student_feats] != [f.shape[-2:] for f in teacher_feats]:
-            # a trainable AKE needs its query side with gradients; other level sizes give other sampling locations
-            attended = (None, None)
-        return self.student_loss(knowledge, student_feats, lambda_ct, lambda_pos, attended)
+        return self.student_loss(self.teacher_knowledge(teacher_feats, targets, generator), student_feats,
+                                 lambda_ct, lambda_pos)
 
     def freeze(self):
         """Stage 2: AKE weights fixed (sec. 3.2.3): no gradients (stale stage-1 ones dropped), eval mode, and train()
@@ -624,9 +572,8 @@ class Adapter(nn.Module):
     forward(list of 4 [B, C_s, H_l, W_l]) -> list of 4 [B, d_model, H_l, W_l].
 
     The paper calls phi "fully connected layers and deformable self-attention layers": by default the layers are
-    MSDA self-attention + residual + LayerNorm without the encoder's FFN (dim_ffn=0). Over every pixel of 4 levels
-    the FFN would be ~70% of phi's cost and the largest part of the KD overhead; dim_ffn=1024 gives Deformable
-    DETR's full encoder layer."""
+    MSDA self-attention + residual + LayerNorm without the encoder's FFN (dim_ffn=0), which would run on every pixel
+    of the 4 levels; dim_ffn=1024 gives Deformable DETR's full encoder layer."""
 
     def __init__(self, in_channels, d_model=256, num_layers=2, n_heads=8, n_levels=4, n_points=4, dim_ffn=0,
                  dropout=0.0):
