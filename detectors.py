@@ -162,6 +162,8 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
 
     if coco_weights is not None and num_classes != COCO_NUM_CLASSES:
         _replace_class_layers(model, family, num_classes)
+    if family == "fcos" and weights is None and weights_backbone is None:
+        _start_fcos_boxes_with_an_area(model)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     model.unikd_name = name
@@ -198,6 +200,15 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, ancho
         kwargs["head"] = head
     cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}[family]
     return cls(backbone, num_classes=num_classes, **kwargs)
+
+
+def _start_fcos_boxes_with_an_area(model):
+    """FCOS predicts each box as ReLU'd distances to its four sides. From scratch (no pretrained backbone) the head's
+    random features put most of those outputs below zero, so at most positives both distances of a side pair are 0:
+    the box has no area, it lies inside its GT, and the GIoU loss has zero gradient there -- the regression branch
+    never starts (its loss stays at exactly 1). A bias of 1 starts every box one anchor size away from its
+    location on each side, where GIoU has a gradient."""
+    nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
 
 
 def _small_image_kwargs(family, scale, proposals):

@@ -28,8 +28,7 @@ SMOKE_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18_v2", shapes_tra
                       warmup_iters=2, output_dir=os.path.join("runs", "smoke"))
 DEMO_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18_v2", shapes_train=256, shapes_val=64,
                      teacher_epochs=3, pretrain_epochs=2, student_epochs=2, warmup_iters=40)
-GRID_DEFAULTS = dict(shapes_train=1000, shapes_val=250, teacher_epochs=12, pretrain_epochs=6, student_epochs=4,
-                     warmup_iters=200)
+GRID_DEFAULTS = dict(shapes_train=1000, shapes_val=250, teacher_epochs=12, pretrain_epochs=6, student_epochs=4)
 
 
 class Steps:

@@ -17,13 +17,14 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+from scipy.ndimage import binary_dilation
 
 from utils import UserError
 
 SHAPES_ROOT = "data/shapes"
 SHAPES_IMAGE_SIZE = (128, 192)  # (H, W): both multiples of 64 (no padding waste, exact strides up to 64)
 SHAPES_DEFAULTS = dict(num_train=2000, num_val=500, image_size=SHAPES_IMAGE_SIZE, seed=0)
-SHAPES_VERSION = 1  # bump when the generator changes, so an old data/shapes is not silently reused
+SHAPES_VERSION = 2  # bump when the generator changes, so an old data/shapes is not silently reused
 SHAPE_CLASSES = ("disk", "ring", "rectangle", "triangle", "star", "cross", "crescent", "arrow")
 
 
@@ -127,65 +128,47 @@ def write_shapes_split(root, split, count, height, width, seed, split_index, pro
                    "annotations": annotations, "categories": categories}, f)
 
 
-def render_shapes_image(rng, height, width, min_visible=0.5, max_tries=20):
-    """One image: textured, cluttered background, then 1-10 shapes painted largest first.
+def render_shapes_image(rng, height, width, max_objects=6, min_visible=0.7, margin=2, max_tries=20):
+    """One image: a lightly cluttered background, then 1..max_objects shapes, largest first, none touching another.
 
-    Occlusion: each new shape is rejected (and re-placed) if it would leave any shape, itself included, with
-    less than min_visible of its area in view (frame truncation counts too) or below its size bucket's floor,
-    so every painted shape is annotated, from its visible pixels.
-    Returns (uint8 [H, W, 3], [{label, mask: visible uint8 [H, W], color: [r, g, b]}, ...]).
+    No occlusion: a shape is re-placed while it would come within `margin` pixels of one already painted, or leave
+    less than min_visible of its area inside the frame (truncated objects, as in COCO); after max_tries it is left
+    out, so every painted shape is annotated whole.
+    Returns (uint8 [H, W, 3], [{label, mask: uint8 [H, W], color: [r, g, b]}, ...]).
     """
     canvas = background(rng, height, width)
-    owner = np.full((height, width), -1, np.int64)  # index of the shape that shows at each pixel
-    floors, labels, colors = [], [], []  # floors: least visible area each placed shape must keep
-    for label, size, bucket_floor in sample_objects(rng, int(rng.integers(1, 11)), min(height, width)):
-        for attempt in range(max_tries):
-            if attempt == max_tries // 2:
-                size, bucket_floor = size * 0.7, 0.0  # too big to place without hiding others: try it smaller
+    taken = np.zeros((height, width), bool)  # painted pixels, grown by the margin
+    objects = []
+    for label, size in sample_objects(rng, int(rng.integers(1, max_objects + 1)), min(height, width)):
+        for _ in range(max_tries):
             mask, full_area = shape_mask(rng, SHAPE_CLASSES[label - 1], size, height, width)
-            new_owner = np.where(mask, len(floors), owner)
-            visible = np.bincount(new_owner.ravel() + 1, minlength=len(floors) + 2)[1:]
-            floor = max(min_visible * full_area, bucket_floor if full_area > bucket_floor else 0.0, 12)
-            if (visible >= np.array(floors + [floor])).all():
+            if mask.sum() >= max(min_visible * full_area, 12) and not (mask & taken).any():
                 break
         else:
-            continue  # no placement keeps everything visible: leave this shape out
+            continue
         color = object_color(rng, canvas[mask])
         canvas[mask] = shaded(rng, color, mask)
-        owner = new_owner
-        floors.append(floor)
-        labels.append(label)
-        colors.append(color)
-    canvas += rng.normal(0, rng.uniform(3, 8), canvas.shape)  # sensor noise over everything
-    pixels = np.clip(canvas, 0, 255).astype(np.uint8)
-    objects = [{"label": label, "mask": (owner == k).astype(np.uint8), "color": [int(c) for c in colors[k]]}
-               for k, label in enumerate(labels)]
-    return pixels, objects
+        taken |= binary_dilation(mask, iterations=margin)
+        objects.append({"label": label, "mask": mask.astype(np.uint8), "color": [int(c) for c in color]})
+    canvas += rng.normal(0, rng.uniform(2, 5), canvas.shape)  # sensor noise over everything
+    return np.clip(canvas, 0, 255).astype(np.uint8), objects
 
 
-# Target sqrt(mask area) ranges in px: COCO's small / medium / large split at 32 and 96 px. Shares of the
-# non-large shapes; an image holds at most one large shape (two would not fit at 128x192 without hiding each
-# other), present with probability LARGE_SHARE.
-SIZE_BUCKETS = ((6.0, 32.0), (32.0, 96.0), (96.0, 140.0))
-SMALL_SHARE, LARGE_SHARE = 0.5, 0.6
+# sqrt(mask area) in px, log-uniform: COCO's small (< 32) and medium (32-96) objects, none below 16 px, where a
+# ring, a disk and a crescent stop being different shapes at this resolution
+ROOT_AREA_RANGE = (16.0, 80.0)
 
 
 def sample_objects(rng, count, short_side):
-    """count (class label, nominal diameter, area floor) triples, largest first (painted first, so small shapes
-    occlude large ones). The diameter makes the shape's mask area fall in a COCO size bucket; occlusion may
-    not push the visible area below the floor (the bucket's lower bound), so the bucket mix survives."""
+    """count (class label, nominal diameter) pairs, largest first (placed first: the small ones fit around them).
+    The diameter gives the shape a mask area whose square root is log-uniform in ROOT_AREA_RANGE."""
     labels = rng.integers(1, len(SHAPE_CLASSES) + 1, count)
-    bucket = (rng.random(count) >= SMALL_SHARE).astype(int)  # 0 small, 1 medium
-    if rng.random() < LARGE_SHARE and 0.95 * short_side > SIZE_BUCKETS[2][0]:
-        bucket[0] = 2
-    low = np.array([b[0] for b in SIZE_BUCKETS])[bucket]
-    high = np.minimum(np.array([b[1] for b in SIZE_BUCKETS])[bucket], 0.95 * short_side)
-    root_area = np.exp(rng.uniform(np.log(low), np.log(np.maximum(high, low))))
+    low, high = ROOT_AREA_RANGE[0], min(ROOT_AREA_RANGE[1], 0.6 * short_side)
+    root_area = np.exp(rng.uniform(math.log(low), math.log(max(high, low)), count))
     # area = unit_area * (d/2)^2 for a shape drawn in a [-d/2, d/2] box (stretching keeps the area)
-    diameters = [min(max(2 * r / math.sqrt(unit_area(SHAPE_CLASSES[l - 1])), 8.0), 1.4 * short_side)
-                 for r, l in zip(root_area, labels)]
+    diameters = [2 * r / math.sqrt(unit_area(SHAPE_CLASSES[l - 1])) for r, l in zip(root_area, labels)]
     order = np.argsort(diameters)[::-1]
-    return [(int(labels[i]), float(diameters[i]), float(low[i]) ** 2) for i in order]
+    return [(int(labels[i]), float(diameters[i])) for i in order]
 
 
 @functools.lru_cache(maxsize=None)
@@ -274,32 +257,29 @@ def smooth_noise(rng, height, width, fields=1, waves=4, max_freq=3.0):
 
 
 def background(rng, height, width):
-    """Float [H, W, 3] background: colour gradient + blotchy noise, maybe stripes, distractor blobs and lines."""
+    """Float [H, W, 3] background: a colour gradient, soft blotches, maybe a faint distractor patch and thin lines
+    (light clutter: nothing with a class's outline)."""
     y, x = np.mgrid[0:height, 0:width]
     c0, c1 = rng.uniform(30, 225, 3), rng.uniform(30, 225, 3)
     direction = rng.normal(size=2)
     t = (x * direction[0] + y * direction[1]) / (np.abs(direction).sum() * max(height, width))
     t = (t - t.min()) / max(np.ptp(t), 1e-6)
     canvas = c0 + (c1 - c0) * t[..., None]
-    canvas += rng.uniform(10, 35) * smooth_noise(rng, height, width, fields=3).transpose(1, 2, 0)
-    if rng.random() < 0.5:  # stripes
-        period, angle = rng.uniform(5, 20), rng.uniform(0, np.pi)
-        wave = np.sin(2 * np.pi * (x * math.cos(angle) + y * math.sin(angle)) / period)
-        canvas += rng.uniform(10, 40) * wave[..., None] * rng.choice([-1, 1], 3)
-    for _ in range(int(rng.integers(0, 3))):  # amorphous distractor patches: many waves, so no class shape
-        patch = smooth_noise(rng, height, width, waves=10, max_freq=6.0)[0] > rng.uniform(0.3, 0.8)
-        canvas[patch] = 0.6 * canvas[patch] + 0.4 * rng.uniform(0, 255, 3)
+    canvas += rng.uniform(5, 15) * smooth_noise(rng, height, width, fields=3).transpose(1, 2, 0)
+    if rng.random() < 0.5:  # an amorphous patch: many waves, so no class shape
+        patch = smooth_noise(rng, height, width, waves=10, max_freq=6.0)[0] > rng.uniform(0.5, 0.9)
+        canvas[patch] = 0.75 * canvas[patch] + 0.25 * rng.uniform(0, 255, 3)
     lines = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(lines)
-    for _ in range(int(rng.integers(0, 4))):  # clutter: thin random-walk polylines
-        steps = rng.normal(0, 12, (int(rng.integers(2, 7)), 2)).cumsum(0) + rng.uniform(0, [width, height])
-        draw.line([tuple(p) for p in steps], fill=1, width=int(rng.integers(1, 3)))
+    for _ in range(int(rng.integers(0, 3))):  # thin random-walk polylines
+        steps = rng.normal(0, 12, (int(rng.integers(2, 6)), 2)).cumsum(0) + rng.uniform(0, [width, height])
+        draw.line([tuple(p) for p in steps], fill=1, width=1)
     line_mask = np.asarray(lines, dtype=bool)
-    canvas[line_mask] = rng.uniform(0, 255, 3)
+    canvas[line_mask] = 0.5 * canvas[line_mask] + 0.5 * rng.uniform(0, 255, 3)
     return canvas
 
 
-def object_color(rng, pixels_below, min_distance=80.0, tries=10):
+def object_color(rng, pixels_below, min_distance=100.0, tries=20):
     """A random colour that stands out from what the shape covers (colour never identifies the class)."""
     below = pixels_below.mean(0) if len(pixels_below) else np.full(3, 128.0)
     for _ in range(tries):

@@ -729,6 +729,32 @@ def test_heads_are_sized_for_the_anchor_generator_given():
         build("retinanet_r50_v2", anchor_generator=two())
 
 
+@pytest.mark.parametrize("backbone", ["r18", "r34"])
+def test_fcos_from_scratch_starts_with_boxes_that_have_an_area_and_a_gradient(backbone):
+    """From scratch, FCOS's ReLU'd side distances leave degenerate boxes at the positives (GIoU loss exactly 1,
+    no gradient); the positive regression bias gives every box an area, so the branch learns from step one."""
+    images, targets = images_and_targets()
+
+    def regression_loss_and_grad(model):
+        torch.manual_seed(0)
+        model.train()
+        loss = model(images, targets)["bbox_regression"]
+        loss.backward()
+        return loss.item(), model.head.regression_head.bbox_reg.weight.grad.abs().sum().item()
+    torch.manual_seed(0)
+    model = build(f"fcos_{backbone}")
+    assert torch.equal(model.head.regression_head.bbox_reg.bias, torch.ones(4))
+    loss, grad = regression_loss_and_grad(model)
+    assert loss < 0.999 and grad > 0
+    # the same weights with torchvision's zero bias: every box at the positives has no area
+    dead = copy.deepcopy(model)
+    dead.zero_grad()
+    torch.nn.init.zeros_(dead.head.regression_head.bbox_reg.bias)
+    relu_out = []
+    dead.head.regression_head.bbox_reg.register_forward_hook(lambda m, i, o: relu_out.append((o > 0).float().mean()))
+    loss0, _ = regression_loss_and_grad(dead)
+    assert loss0 > loss and float(torch.stack(relu_out).mean()) < 0.5
+
 def test_small_image_settings_and_torchvision_defaults_at_800():
     small, large = build("faster_rcnn_r18"), detectors.build_detector("faster_rcnn_r18", 5)
     assert large.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
@@ -835,20 +861,39 @@ def test_shapes_dataset_is_coco_deterministic_and_varied(shapes, tmp_path):
     data = json.load(open(os.path.join(shapes, "annotations/instances_train2017.json")))
     assert len(data["categories"]) >= 6 and len(data["images"]) == 12
     per_image = np.bincount([a["image_id"] for a in data["annotations"]], minlength=13)[1:]
-    assert per_image.min() >= 1 and per_image.max() <= 10
+    assert per_image.min() >= 1 and per_image.max() <= 6
+    masks = {}
     for ann in data["annotations"]:
         mask = mask_utils.decode(ann["segmentation"])
         ys, xs = np.nonzero(mask)
         x, y, w, h = ann["bbox"]
         assert (x, y, x + w, y + h) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # tight on the mask
         assert ann["area"] == mask.sum() and ann["iscrowd"] == 0
+        masks.setdefault(ann["image_id"], []).append(mask.astype(bool))
+    for image_masks in masks.values():  # no occlusion: every two shapes more than 2 px apart (city-block)
+        for a, b in itertools.combinations(image_masks, 2):
+            ya, xa = np.nonzero(a)
+            yb, xb = np.nonzero(b)
+            assert (np.abs(ya[:, None] - yb[None]) + np.abs(xa[:, None] - xb[None])).min() > 2
 
 
-def test_shapes_sizes_span_coco_small_medium_large():
+def test_an_embedded_dataset_of_another_generator_version_is_never_reused(tmp_path):
+    root = tmp_path / "old_shapes"
+    root.mkdir()
+    (root / "params.json").write_text(json.dumps({"version": shapes_gen.SHAPES_VERSION - 1, "num_train": 12,
+                                                  "num_val": 6, "height": H, "width": W, "seed": 0}))
+    with pytest.raises(utils.UserError, match="delete it"):
+        shapes_gen.ensure_shapes_dataset(str(root), num_train=12, num_val=6)
+    assert os.listdir(root) == ["params.json"]
+
+
+def test_shapes_sizes_span_coco_small_and_medium_and_none_is_tiny():
     rng_objects = [shapes_gen.render_shapes_image(np.random.default_rng([5, i]), H, W)[1] for i in range(40)]
     areas = np.array([o["mask"].sum() for objects in rng_objects for o in objects])
-    assert (areas < 32 ** 2).mean() > 0.2 and ((areas >= 32 ** 2) & (areas < 96 ** 2)).mean() > 0.2
-    assert (areas >= 96 ** 2).mean() > 0.03
+    assert 0.25 < (areas < 32 ** 2).mean() < 0.7 and ((areas >= 32 ** 2) & (areas < 96 ** 2)).mean() > 0.25
+    low, high = shapes_gen.ROOT_AREA_RANGE
+    # at least 70% of a shape is in the frame, and rasterising a polygon loses at most a pixel row around it
+    assert np.sqrt(areas).min() >= 0.8 * low * np.sqrt(0.7) and np.sqrt(areas).max() <= 1.1 * high
 
 
 def colour_under(image_uint8, mask):
@@ -1683,6 +1728,21 @@ def test_torchrun_user_error_is_one_line_from_rank_0_and_every_worker_exits_2(tm
     assert not (tmp_path / "runs").exists()  # refused before anything is written
 
 
+def test_embedded_data_gets_the_small_data_recipe_and_coco_format_data_the_papers_1x():
+    import train
+
+    def schedule(argv, family="fcos"):
+        args = train.get_args_parser().parse_args(argv)
+        args.world_size = 1
+        train.set_schedule_defaults(args, family, epochs=12)
+        return args.recipe, args.lr, args.warmup_iters, args.lr_steps
+    assert schedule(["--batch-size", "8"]) == ("small", 0.01, 100, [11])
+    assert schedule(["--batch-size", "4"], "faster_rcnn") == ("small", 0.01, 100, [11])
+    assert schedule(["--batch-size", "2", "--data-path", "/coco"]) == ("1x", 0.01 * 2 / 16, 500, [8, 11])
+    assert schedule(["--batch-size", "16", "--data-path", "/coco"], "mask_rcnn") == ("1x", 0.02, 500, [8, 11])
+    assert schedule(["--data-path", "/coco", "--warmup-iters", "7", "--lr", "0.3", "--lr-steps", "5"])[1:] == \
+        (0.3, 7, [5])
+
 def test_bad_input_is_one_clear_line(tmp_path):
     res = run(["--stage", "train", "--data-path", str(tmp_path / "nowhere")] + TINY, tmp_path)
     assert_user_error(res, "--data-path")
@@ -2124,6 +2184,8 @@ def test_demo_runs_end_to_end_and_a_rerun_skips_its_steps(tmp_path):
                  "fcos_r18__retinanet_r18__unikd__s0"):
         result = json.loads((tmp_path / "runs" / "demo" / step / "result.json").read_text())
         assert "AP" in result["metrics"] and result["command"].startswith("python train.py --stage ")
+        recorded = json.loads((tmp_path / "runs" / "demo" / step / "args.json").read_text())
+        assert recorded["recipe"] == "small"  # the embedded default's recipe, said in args.json
     again = run(demo, tmp_path)
     assert again.returncode == 0 and again.stdout.count("(earlier run)") == 4 and "== " not in again.stdout
 

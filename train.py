@@ -67,7 +67,8 @@ def get_args_parser():
     p.add_argument("--wd", "--weight-decay", default=None, type=float, dest="weight_decay",
                    help="default 1e-4 (SGD and AdamW)")
     p.add_argument("--lr-steps", default=None, nargs="+", type=int, help="epochs at which lr drops 10x")
-    p.add_argument("--warmup-iters", default=500, type=int)
+    p.add_argument("--warmup-iters", default=None, type=int,
+                   help="linear warm-up iterations; default 500 (the paper's 1x), 100 (the small-data recipe)")
     p.add_argument("--clip-grad", default=None, type=float, help="max grad norm (default 0.1 for pretrain, off otherwise)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU only)")
     p.add_argument("--max-iters", default=None, type=int, help="cap on iterations per epoch (smoke tests)")
@@ -363,16 +364,26 @@ def wrap_ddp(module, args, device):
 
 
 def set_schedule_defaults(args, family, epochs, optimizer="sgd"):
-    """The paper's recipes where flags are not given: 1x SGD (lr 0.01 one-stage / 0.02 two-stage at batch 16, scaled
-    linearly with the total batch; x0.1 at 8 and 11 of 12 epochs) or AdamW 2e-4 (pretrain, x0.1 at 2/3)."""
+    """The recipe where flags are not given (args.recipe, in args.json, says which):
+    "1x", the paper's for COCO-format data: SGD lr 0.01 one-stage / 0.02 two-stage at batch 16, scaled linearly with
+        the total batch, warm-up 500, x0.1 at 8 and 11 of 12 epochs; pretraining AdamW 2e-4, x0.1 at 2/3.
+    "small", for the embedded data, where detectors train from scratch for a few thousand iterations: twice the
+        per-image SGD lr (0.01 one-stage / 0.02 two-stage at batch 8), warm-up 100, one x0.1 at 11/12."""
+    args.recipe = "small" if data.uses_embedded_data(args) else "1x"
+    small = args.recipe == "small"
     args.epochs = args.epochs or epochs
     args.weight_decay = 1e-4 if args.weight_decay is None else args.weight_decay
+    args.warmup_iters = (100 if small else 500) if args.warmup_iters is None else args.warmup_iters
     if args.lr is None:
         base = 0.02 if family in ("faster_rcnn", "mask_rcnn") else 0.01
-        args.lr = base * args.batch_size * args.world_size / 16 if optimizer == "sgd" else 2e-4
+        args.lr = base * args.batch_size * args.world_size / (8 if small else 16) if optimizer == "sgd" else 2e-4
     if args.lr_steps is None:
-        args.lr_steps = [round(args.epochs * 8 / 12), round(args.epochs * 11 / 12)] if optimizer == "sgd" \
-            else [round(args.epochs * 2 / 3)]
+        if optimizer != "sgd":
+            args.lr_steps = [round(args.epochs * 2 / 3)]
+        elif small:
+            args.lr_steps = [round(args.epochs * 11 / 12)]
+        else:
+            args.lr_steps = [round(args.epochs * 8 / 12), round(args.epochs * 11 / 12)]
 
 
 def sgd(params, args):
