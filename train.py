@@ -460,7 +460,7 @@ def stage_pretrain(args, device):
         ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in counts.items()))
     ddp_model = wrap_ddp(model, args, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(unikd.param_groups(model, args.lr), lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed + 1000 * args.rank)
 
     def loss_fn(images, targets):

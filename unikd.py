@@ -566,6 +566,16 @@ def count_parameters(model):
             "total_without_heads": total - heads}
 
 
+def param_groups(model, lr, linear_proj_mult=0.1):
+    """Optimizer groups as Deformable DETR trains its transformer: the layers that place the samples (MSDA sampling
+    offsets, the content queries' reference points) at linear_proj_mult x lr, so they move slower than what the
+    samples are read with; everything else at lr. Frozen parameters are left out."""
+    slow, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (slow if "sampling_offsets" in name or "reference_points" in name else rest).append(p)
+    return [{"params": rest, "lr": lr}, {"params": slow, "lr": lr * linear_proj_mult}]
+
 class Adapter(nn.Module):
     """phi (sec. 3.2.3): a linear projection of the student's channels to d_model (1x1 conv, shared by the levels),
     then num_layers deformable self-attention layers over the 4 levels (paper: 2; Tab. 6g: 0-4).
