@@ -12,6 +12,7 @@
 """
 import contextlib
 import io
+import math
 import os
 
 import numpy as np
@@ -147,15 +148,27 @@ def coco_metrics(coco_gt: COCO, results: list, image_ids=None, iou_type: str = "
 
 # ------------------------------------------------------------------------------------------ visualisation
 
-def draw_predictions(picture, output, names, score_thresh):
-    """uint8 [3, h, w] with a detector's boxes of score >= score_thresh in red, labelled "class score"."""
+def draw_predictions(picture, output, names, score_thresh, zoom=1):
+    """uint8 [3, h, w] with a detector's boxes of score >= score_thresh in red, labelled "class score"; zoom: how
+    much larger the picture is than the image the boxes are in."""
     keep = (output["scores"] >= score_thresh) & (output["labels"] > 0)
     labels = [f"{names[int(l)]} {s:.2f}" for l, s in zip(output["labels"][keep], output["scores"][keep])]
-    return draw_bounding_boxes(picture, output["boxes"][keep].cpu(), labels=labels or None, colors="red", width=1)
+    return draw_bounding_boxes(picture, output["boxes"][keep].cpu() * zoom, labels=labels or None, colors="red",
+                               width=2)
 
 
 def to_uint8(image):
     return (image * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+PANEL_MIN_SIDE = 384  # pictures of small images are enlarged until boxes, labels and sampling points are legible
+
+
+def enlarged(picture):
+    """uint8 [3, h, w] -> (the picture enlarged by an integer factor (nearest neighbour) until its shorter side is
+    at least PANEL_MIN_SIDE, the factor)."""
+    zoom = max(1, math.ceil(PANEL_MIN_SIDE / min(picture.shape[-2:])))
+    return picture.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1), zoom
 
 
 @torch.no_grad()
@@ -169,8 +182,9 @@ def visualize(model, dataset, device, count: int, out_dir: str, score_thresh=0.3
     for index in range(min(count, len(dataset))):
         image, target = dataset[index]
         output = model([image.to(device)])[0]
-        picture = draw_bounding_boxes(to_uint8(image), target["boxes"], colors="lime", width=1)
-        picture = draw_predictions(picture, output, names, score_thresh)
+        picture, zoom = enlarged(to_uint8(image))
+        picture = draw_bounding_boxes(picture, target["boxes"] * zoom, colors="lime", width=2)
+        picture = draw_predictions(picture, output, names, score_thresh, zoom)
         path = os.path.join(out_dir, f"{target['image_id']:012d}.png")
         write_png(picture, path)
         paths.append(path)
@@ -222,19 +236,55 @@ def sampling_pictures(teacher, akes, dataset, device, count, out_dir, seed=0):
         h_pad, w_pad = out.padded_hw
         h, w = image.shape[-2:]
         # a dimmed grey image, so that the red and green of the attention stand out of any texture
-        grey = to_uint8(0.4 * image.mean(0, keepdim=True).expand(3, -1, -1))
-        picture = draw_bounding_boxes(grey, target["boxes"], colors=LIME, width=1)
+        grey, zoom = enlarged(to_uint8(0.4 * image.mean(0, keepdim=True).expand(3, -1, -1)))
+        picture = draw_bounding_boxes(grey, target["boxes"] * zoom, colors=LIME, width=2)
         halves = []
         for model, queries, color in ((akes.ake_ct, unikd.Queries(k.queries_ct, k.reference_ct), RED),
                                       (akes.ake_pos, unikd.Queries(k.queries_pos, k.boxes), GREEN)):
             _, samplings = model.extract(queries, out.features, return_sampling=True)
             locations, weights = samplings[-1]                   # [1, N, H, L, P, 2], [1, N, H, L, P]
-            heat = splat(locations, weights, h_pad, w_pad)[:h, :w]
+            heat = splat(locations, weights, h_pad * zoom, w_pad * zoom)[:h * zoom, :w * zoom]
             halves.append(blend(picture, heat, color))
         path = os.path.join(out_dir, f"sampling_{target['image_id']:012d}.png")
         write_png(hstack(*halves), path)
         paths.append(path)
     return paths
+
+
+@torch.no_grad()
+def attention_in_image(teacher, akes, loader, device, seed=0) -> dict:
+    """How much of the extractors' attention reads the image: the share of the last f_e layer's attention weight (all
+    queries, heads, levels, points) at sampling locations inside the image -- not outside the feature maps, where
+    bilinear sampling reads zeros, and not in the padding -> {"attn_in_image_ct", "attn_in_image_pos"}."""
+    inside, total, was_training = torch.zeros(2), torch.zeros(2), akes.training
+    akes.eval()
+    for b, (images, targets) in enumerate(loader):
+        out = detectors.forward_features(teacher, [im.to(device) for im in images], targets_to(targets, device))
+        knowledge = akes.teacher_knowledge(out.features, detectors.normalized_targets(out),
+                                           torch.Generator().manual_seed(seed + b))
+        h_pad, w_pad = out.padded_hw
+        image_extent = torch.tensor([[w / w_pad, h / h_pad] for h, w in out.image_sizes])     # [B, 2] (x, y)
+        for i, (mass_in, mass) in enumerate(attention_mass_in_image(akes, out.features, knowledge, image_extent)):
+            inside[i] += mass_in
+            total[i] += mass
+    akes.train(was_training)
+    share = (inside / total.clamp(min=1e-12)).tolist()
+    return {"attn_in_image_ct": share[0], "attn_in_image_pos": share[1]}
+
+
+def attention_mass_in_image(akes, feats, knowledge, image_extent):
+    """For the content and the positional extractor: (attention weight at locations in [0, extent) of each image,
+    all attention weight) of the last f_e layer; image_extent [B, 2] is the image's share of the padded tensor."""
+    queries = (unikd.Queries(knowledge.queries_ct, knowledge.reference_ct),
+               unikd.Queries(knowledge.queries_pos, knowledge.boxes))
+    masses = []
+    for model, q in zip((akes.ake_ct, akes.ake_pos), queries):
+        _, samplings = model.extract(q, feats, return_sampling=True)
+        locations, weights = samplings[-1]                               # [B, N, H, L, P, 2], [B, N, H, L, P]
+        extent = image_extent.to(locations.device)[:, None, None, None, None]                # [B, 1, 1, 1, 1, 2]
+        inside = ((locations >= 0) & (locations < extent)).all(-1)
+        masses.append(((weights * inside).sum().item(), weights.sum().item()))
+    return masses
 
 
 @torch.no_grad()
@@ -249,8 +299,10 @@ def density_picture(models, dataset, device, count, out_path):
         for i, image in enumerate(images):
             out = detectors.forward_features(model, [image.to(device)])
             h, w = image.shape[-2:]
-            maps[row, name, i] = [nnf.interpolate(f.abs().mean(1, keepdim=True).float(), scale_factor=s, mode="nearest")
-                             [0, 0, :h, :w].cpu() for f, s in zip(out.features, detectors.AKE_STRIDES)]
+            zoom = enlarged(image)[1]
+            maps[row, name, i] = [nnf.interpolate(f.abs().mean(1, keepdim=True).float(), scale_factor=s * zoom,
+                                                  mode="nearest")[0, 0, :h * zoom, :w * zoom].cpu()
+                                  for f, s in zip(out.features, detectors.AKE_STRIDES)]
     scale = [max(m[level].max() for m in maps.values()).clamp(min=1e-12) for level in range(4)]
     rows = []
     for (_, name, i), levels in maps.items():
@@ -271,10 +323,11 @@ def compare_pictures(model_a, model_b, dataset, device, count, out_dir, score_th
     paths = []
     for index in range(min(count, len(dataset))):
         image, target = dataset[index]
-        panels = [draw_bounding_boxes(to_uint8(image), target["boxes"], colors=LIME, width=1)]
+        picture, zoom = enlarged(to_uint8(image))
+        panels = [draw_bounding_boxes(picture, target["boxes"] * zoom, colors=LIME, width=2)]
         for model in (model_a, model_b):
             output = model.eval().to(device)([image.to(device)])[0]
-            panels.append(draw_predictions(to_uint8(image), output, names, score_thresh))
+            panels.append(draw_predictions(picture, output, names, score_thresh, zoom))
         path = os.path.join(out_dir, f"compare_{target['image_id']:012d}.png")
         write_png(hstack(*panels), path)
         paths.append(path)

@@ -1134,6 +1134,8 @@ def test_cli_evaluates_writes_json_next_to_checkpoint_and_pictures(shapes, cli_s
     assert written["metrics"] == metrics and set(ev.METRIC_NAMES) <= set(metrics)
     assert ckpt.read_bytes() == before
     assert sorted(os.listdir(tmp_path / "vis")) == ["000000000001.png", "000000000002.png"]
+    from torchvision.io import decode_png, read_file
+    assert decode_png(read_file(str(tmp_path / "vis" / "000000000001.png"))).shape == (3, 3 * H, 3 * W)  # >= 384 px
     os.remove(root / "student_eval.json")
 
 
@@ -1513,6 +1515,29 @@ def test_offline_knowledge_per_image_round_trip_equals_online():
     assert all(torch.equal(online[k], offline[k]) for k in online)
     assert knowledge.pos_mask_pos.sum(1).tolist() == [2, 3] and knowledge.pos_mask_ct.sum(1).tolist() == [2, 3]
 
+
+def test_attention_in_image_share_in_closed_forms():
+    """Zero sampling offsets put every sample on its query's reference: the in-image share is then the share of
+    references inside the image; offsets far beyond the maps leave none inside."""
+    g = torch.Generator().manual_seed(3)
+    akes = unikd.UniKD(num_classes=3, num_queries=12, d_model=32, n_heads=4, dim_ffn=64).eval()
+    levels, targets = feats(2, g), random_targets([2, 3], 3, g)
+
+    def set_offsets(value):
+        for m in akes.modules():
+            if isinstance(m, MSDeformAttn):
+                torch.nn.init.zeros_(m.sampling_offsets.weight)
+                torch.nn.init.constant_(m.sampling_offsets.bias, value)
+        knowledge = akes.teacher_knowledge(levels, targets, torch.Generator().manual_seed(0))
+        return knowledge, lambda extent: [a / b for a, b in ev.attention_mass_in_image(akes, levels, knowledge, extent)]
+    knowledge, share = set_offsets(0.0)
+    assert share(torch.ones(2, 2)) == pytest.approx([1.0, 1.0])
+    left_half = torch.tensor([[0.5, 1.0], [0.5, 1.0]])  # the image fills the left half of the padded tensor
+    expected = [(knowledge.reference_ct[..., 0] < 0.5).float().mean().item(),
+                (knowledge.boxes[..., 0] < 0.5).float().mean().item()]
+    assert 0 < expected[0] < 1 and share(left_half) == pytest.approx(expected)
+    _, share = set_offsets(1e3)
+    assert share(torch.ones(2, 2)) == [0.0, 0.0]
 
 def test_adapter_shapes():
     g = torch.Generator().manual_seed(13)
@@ -2270,11 +2295,12 @@ def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path):
         return [decode_png(read_file(str(f))) for f in files], res
 
     sampling, _ = pictures("--sampling", str(cwd / "runs" / "pretrain_fcos_r18" / "ake.pth"))
-    assert len(sampling) == 2 and all(p.shape == (3, 64, 128) for p in sampling)
-    left, right = sampling[0][:, :, :64].int(), sampling[0][:, :, 64:].int()
+    # 64 px images are enlarged 6x, so a panel's shorter side is at least 384 px
+    assert len(sampling) == 2 and all(p.shape == (3, 384, 768) for p in sampling)
+    left, right = sampling[0][:, :, :384].int(), sampling[0][:, :, 384:].int()
     assert (left[0] - left[1]).max() > 100 and (right[1] - right[0]).max() > 100   # red | green attention
     density, _ = pictures("--density", f"fcos_r18={teacher}")
-    assert len(density) == 1 and density[0].shape == (3, 2 * 2 * 64, 4 * 64)
+    assert len(density) == 1 and density[0].shape == (3, 2 * 2 * 384, 4 * 384)
     # students of one family stay apart in the picture: a distilled model.pth is labelled with its method
     blob = torch.load(teacher, map_location="cpu", weights_only=False)
     blob["args"] = dict(blob["args"], stage="distill", method="fitnet")
@@ -2284,7 +2310,7 @@ def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path):
     assert ev.named_model(f"fcos_r18={teacher}", dataset, args)[0] == "fcos_r18"
     assert ev.named_model(f"fcos_r18={tmp_path / 'student_model.pth'}", dataset, args)[0] == "fcos_r18 fitnet"
     compare, _ = pictures("--compare", f"fcos_r18={teacher}")
-    assert len(compare) == 2 and all(p.shape == (3, 64, 3 * 64) for p in compare)
+    assert len(compare) == 2 and all(p.shape == (3, 384, 3 * 384) for p in compare)
     res = subprocess.run(base + ["--sampling", teacher, "--out", str(tmp_path / "x")], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=600)
     assert_user_error(res, "not an AKE file")

@@ -33,7 +33,7 @@ import detectors
 import grid
 import store
 import unikd
-from eval import AKEDetector, evaluate
+from eval import AKEDetector, attention_in_image, evaluate
 from utils import (CHECKPOINT_KIND, MODEL_KIND, AKE_FILE_KIND, ArgumentParser, UserError, atomic_save,
                    atomic_write_json, canonical_model_name, file_sha256, frozen_unikd, init_distributed, is_main,
                    load_ake_file, load_user_file, log, report_user_error)
@@ -475,7 +475,8 @@ def stage_pretrain(args, device):
                     os.path.join(args.output_dir, "ake.pth"))
 
     return fit(args, device, model, loss_fn, params, optimizer, train_loader,
-               lambda: evaluate(AKEDetector(teacher, model), val_loader, device), save, resume, generator)
+               lambda: {**evaluate(AKEDetector(teacher, model), val_loader, device),
+                        **attention_in_image(teacher, model, val_loader, device)}, save, resume, generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
