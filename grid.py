@@ -29,6 +29,20 @@ SMOKE_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18_v2", shapes_tra
 DEMO_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18_v2", shapes_train=256, shapes_val=64,
                      teacher_epochs=3, pretrain_epochs=2, student_epochs=2, warmup_iters=40)
 GRID_DEFAULTS = dict(shapes_train=1000, shapes_val=250, teacher_epochs=12, pretrain_epochs=6, student_epochs=4)
+# --teachers random_<name>: that architecture untrained (0 epochs), its AKE pretrained the same way -- the control
+# that shows whether a gain comes from what the teacher learned or from the AKE and the adapter alone
+RANDOM_PREFIX = "random_"
+
+
+def teacher_spec(text):
+    """A --teachers entry -> its canonical name, random_ kept."""
+    random = text.startswith(RANDOM_PREFIX)
+    name = canonical_model_name(text[len(RANDOM_PREFIX):] if random else text, "--teachers")
+    return RANDOM_PREFIX + name if random else name
+
+
+def architecture(teacher):
+    return teacher[len(RANDOM_PREFIX):] if teacher.startswith(RANDOM_PREFIX) else teacher
 
 
 class Steps:
@@ -80,9 +94,10 @@ class Steps:
         """The teacher's training and its AKE's pretraining (seed 0), as steps of root -> (teacher result, AKE
         result, ake.pth)."""
         tdir, adir = os.path.join(root, f"teacher_{teacher}"), os.path.join(root, f"ake_{teacher}")
-        t = self.run(tdir, ["--stage", "train", "--model", teacher, "--epochs", str(self.args.teacher_epochs),
+        epochs = 0 if teacher.startswith(RANDOM_PREFIX) else self.args.teacher_epochs
+        t = self.run(tdir, ["--stage", "train", "--model", architecture(teacher), "--epochs", str(epochs),
                             "--eval-every", "0"])
-        a = self.run(adir, ["--stage", "pretrain", "--teacher", teacher, "--teacher-weights",
+        a = self.run(adir, ["--stage", "pretrain", "--teacher", architecture(teacher), "--teacher-weights",
                             os.path.join(tdir, "model.pth"), "--epochs", str(self.args.pretrain_epochs),
                             "--eval-every", "0"])
         return t, a, os.path.join(adir, "ake.pth")
@@ -142,7 +157,7 @@ def stage_grid(args, steps):
     own and writes its result.json; a rerun skips finished cells; results.md gathers mean +- std AP per cell."""
     apply_defaults(args, GRID_DEFAULTS)
     split = lambda text: [x for x in text.split(",") if x]  # noqa: E731
-    teachers = [canonical_model_name(x, "--teachers") for x in split(args.teachers)]
+    teachers = [teacher_spec(x) for x in split(args.teachers)]
     students = [canonical_model_name(x, "--students") for x in split(args.students)]
     methods, seeds = split(args.methods), [int(x) for x in split(args.seeds)]
     bad = [m for m in methods if m not in ("none", "fitnet", "unikd")]
@@ -190,7 +205,8 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
         row = [cell(values[m]) for m in methods]
         gains = [f"{statistics.mean(values[m]) - statistics.mean(values['none']):+.3f}"
                  if values.get("none") and values[m] else "n/a" for m in methods if m != "none"]
-        kind = "homogeneous" if detectors.family_of(teacher) == detectors.family_of(student) else "heterogeneous"
+        same = detectors.family_of(architecture(teacher)) == detectors.family_of(student)
+        kind = "homogeneous" if same else "heterogeneous"
         out.append(f"| {teacher} → {student} ({kind}) | " + " | ".join(row + gains) + " |")
         t = prerequisites[teacher][0]
         if t is not None and values.get("none") and ap(t) <= statistics.mean(values["none"]):

@@ -2252,6 +2252,22 @@ def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
                       "--methods", "distil")
 
 
+def test_grid_random_teacher_control_is_the_untrained_architecture_with_its_own_ake(tmp_path):
+    grid = ["--stage", "grid", "--teachers", "random_fcos_r18", "--students", "fcos_r18", "--methods", "unikd",
+            "--seeds", "0"] + TINY_PIPELINE
+    res = run(grid, tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    root = tmp_path / "runs" / "grid"
+    command = json.loads((root / "teacher_random_fcos_r18" / "result.json").read_text())["command"]
+    assert "--model fcos_r18 --epochs 0" in command
+    saved = torch.load(root / "teacher_random_fcos_r18" / "model.pth", map_location="cpu", weights_only=True)
+    torch.manual_seed(0)  # what train.py seeds before building the model: the teacher is its initial weights
+    fresh = detectors.build_detector("fcos_r18", 9, min_size=64, max_size=64).state_dict()
+    assert saved["model"].keys() == fresh.keys() and all(torch.equal(saved["model"][k], v) for k, v in fresh.items())
+    ake = torch.load(root / "ake_random_fcos_r18" / "ake.pth", map_location="cpu", weights_only=False)
+    assert ake["teacher"] == "fcos_r18" and ake["teacher_weights"].endswith("teacher_random_fcos_r18/model.pth")
+    assert "| random_fcos_r18 → fcos_r18 (homogeneous) |" in (root / "results.md").read_text()
+
 def test_grid_table_flags_a_teacher_weaker_than_its_student_and_partial_cells():
     import train
     args = train.get_args_parser().parse_args(["--teacher-epochs", "1", "--pretrain-epochs", "1",

@@ -59,7 +59,8 @@ def get_args_parser():
     data.add_data_args(p)
     p.add_argument("-j", "--workers", default=2, type=int)
     # schedule (the paper's 1x: 12 epochs, decay at 8 and 11)
-    p.add_argument("--epochs", default=None, type=int, help="default 12 (train, distill), 15 (pretrain)")
+    p.add_argument("--epochs", default=None, type=int,
+                   help="default 12 (train, distill), 15 (pretrain); 0 saves and evaluates the initial weights")
     p.add_argument("-b", "--batch-size", default=8, type=int, help="images per GPU/process")
     p.add_argument("--lr", default=None, type=float,
                    help="default: 0.01 one-stage / 0.02 two-stage at batch 16, scaled linearly; AdamW 2e-4 for pretrain")
@@ -96,7 +97,8 @@ def get_args_parser():
     # demo and grid (the paper's Table 2 in miniature): schedules of their steps
     p.add_argument("--smoke", action="store_true",
                    help="--stage demo: every stage on a few tiny images for a few iterations (about a minute on a CPU)")
-    p.add_argument("--teachers", default="fcos_r34,faster_rcnn_r50", help="--stage grid: teacher detectors")
+    p.add_argument("--teachers", default="fcos_r34,faster_rcnn_r50",
+                   help="--stage grid: teacher detectors; random_<name> is that architecture untrained (the control)")
     p.add_argument("--students", default="retinanet_r18_v2,fcos_r18", help="--stage grid: student detectors")
     p.add_argument("--methods", default="none,fitnet,unikd", help="--stage grid: distillation methods")
     p.add_argument("--seeds", default="0,1,2", help="--stage grid: student seeds (teacher and AKE: seed 0)")
@@ -177,6 +179,12 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
                          "rng": torch.get_rng_state(),
                          "generator": generator.get_state() if generator is not None else None}, checkpoint)
 
+    if args.epochs == 0:  # the initial weights, evaluated and saved (e.g. the grid's random teacher)
+        metrics = evaluate_fn()
+        log(args, "0 epochs: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if is_main(args):
+            save_fn(-1, metrics)
+        return metrics
     total_iters = iters_per_epoch * args.epochs
     t_start, done_at_start = time.time(), start_epoch * iters_per_epoch + start_iter
     stopping = False  # any rank was asked to stop (agreed on in every iteration's all-reduce)
@@ -371,7 +379,7 @@ def set_schedule_defaults(args, family, epochs, optimizer="sgd"):
         per-image SGD lr (0.01 one-stage / 0.02 two-stage at batch 8), warm-up 100, one x0.1 at 11/12."""
     args.recipe = "small" if data.uses_embedded_data(args) else "1x"
     small = args.recipe == "small"
-    args.epochs = args.epochs or epochs
+    args.epochs = epochs if args.epochs is None else args.epochs
     args.weight_decay = 1e-4 if args.weight_decay is None else args.weight_decay
     args.warmup_iters = (100 if small else 500) if args.warmup_iters is None else args.warmup_iters
     if args.lr is None:
