@@ -2215,12 +2215,17 @@ def test_demo_runs_end_to_end_and_a_rerun_skips_its_steps(tmp_path):
     assert again.returncode == 0 and again.stdout.count("(earlier run)") == 4 and "== " not in again.stdout
 
 
-def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
-    grid = ["--stage", "grid", "--teachers", "fcos_r18", "--students", "retinanet_r18_v2", "--methods", "none,unikd",
-            "--seeds", "0,1"] + TINY_PIPELINE
+def run_grid(tmp_path, teachers, students, methods, seeds):
+    """A finished tiny grid -> (its command line, its root folder)."""
+    grid = ["--stage", "grid", "--teachers", teachers, "--students", students, "--methods", methods,
+            "--seeds", seeds] + TINY_PIPELINE
     res = run(grid, tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    root = tmp_path / "runs" / "grid"
+    return grid, tmp_path / "runs" / "grid"
+
+
+def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
+    grid, root = run_grid(tmp_path, "fcos_r18", "retinanet_r18_v2", "none,unikd", "0,1")
     aps = {(m, s): json.loads((root / f"fcos_r18__retinanet_r18_v2__{m}__s{s}" / "result.json").read_text())
            ["metrics"]["AP"] for m in ("none", "unikd") for s in (0, 1)}
     md = (root / "results.md").read_text()
@@ -2253,11 +2258,7 @@ def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
 
 
 def test_grid_random_teacher_control_is_the_untrained_architecture_with_its_own_ake(tmp_path):
-    grid = ["--stage", "grid", "--teachers", "random_fcos_r18", "--students", "fcos_r18", "--methods", "unikd",
-            "--seeds", "0"] + TINY_PIPELINE
-    res = run(grid, tmp_path)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    root = tmp_path / "runs" / "grid"
+    _, root = run_grid(tmp_path, "random_fcos_r18", "fcos_r18", "unikd", "0")
     command = json.loads((root / "teacher_random_fcos_r18" / "result.json").read_text())["command"]
     assert "--model fcos_r18 --epochs 0" in command
     saved = torch.load(root / "teacher_random_fcos_r18" / "model.pth", map_location="cpu", weights_only=True)
