@@ -2269,6 +2269,11 @@ def test_grid_random_teacher_control_is_the_untrained_architecture_with_its_own_
     assert ake["teacher"] == "fcos_r18" and ake["teacher_weights"].endswith("teacher_random_fcos_r18/model.pth")
     assert "| random_fcos_r18 → fcos_r18 (homogeneous) |" in (root / "results.md").read_text()
 
+def test_demo_says_plainly_whether_unikd_beat_the_student_alone():
+    assert "nothing to distil" in grid.demo_verdict(0.20, 0.1, 0.25, 0.30)
+    assert grid.demo_verdict(0.40, 0.2, 0.25, 0.30).startswith("UniKD beat the student alone by +0.050 AP")
+    assert "did not beat the student alone (AP 0.252 against 0.250)" in grid.demo_verdict(0.40, 0.2, 0.25, 0.252)
+
 def test_grid_table_flags_a_teacher_weaker_than_its_student_and_partial_cells():
     import train
     args = train.get_args_parser().parse_args(["--teacher-epochs", "1", "--pretrain-epochs", "1",
