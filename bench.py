@@ -10,7 +10,6 @@ Tooling only: deform_attn_triton.py (the file to copy into another codebase) doe
     python bench.py --bench --sizes decoder --device cpu --runs 10 --threads 1
     python bench.py --compile-check --archs 90 --dtypes fp32,bf16 --sizes decoder
 """
-import argparse
 import itertools
 import json
 import math
@@ -28,7 +27,7 @@ import torch
 import deform_attn_triton as msda
 import detectors
 from data import targets_to
-from utils import UserError, log
+from utils import ArgumentParser, UserError, log
 
 SIZE_NAMES = ("decoder", "encoder-128px", "encoder-512px")   # bench sizes on every device (GPU adds more)
 
@@ -60,7 +59,7 @@ def main(argv=None):
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bench", action="store_true", help="time every backend vs grid_sample")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (median, >= 10)")
     parser.add_argument("--sizes", default="", help="comma-separated subset of the bench sizes "

@@ -68,9 +68,20 @@ def uses_embedded_data(args) -> bool:
     return not any(getattr(args, k, None) for k in DATA_FLAGS)
 
 
+def generated_params(args):
+    """The generator parameters of the data the flags name, when it is a generated shapes set (the embedded default,
+    or a --data-path holding one), else None."""
+    if uses_embedded_data(args):
+        spec = shapes_spec(args)
+        return {"height": spec["image_size"][0], "width": spec["image_size"][1]}
+    return shapes.shapes_params(getattr(args, "data_path", None) or "")
+
+
 def shapes_spec(args) -> dict:
     """The embedded dataset the flags name: ensure_shapes_dataset's keyword arguments."""
     size = getattr(args, "shapes_size", None) or list(shapes.SHAPES_IMAGE_SIZE)
+    if len(size) not in (1, 2):
+        raise UserError(f"--shapes-size {' '.join(map(str, size))}: give H W, or one number for square images")
     size = tuple(size) * (2 if len(size) == 1 else 1)
     spec = dict(num_train=getattr(args, "shapes_train", shapes.SHAPES_DEFAULTS["num_train"]),
                 num_val=getattr(args, "shapes_val", shapes.SHAPES_DEFAULTS["num_val"]), image_size=size,
@@ -80,13 +91,10 @@ def shapes_spec(args) -> dict:
 
 def resolve_sizes(args):
     """Fill args.min_size / args.max_size when not given (the model must be built with the same values): the
-    generated size for the embedded data (or a --data-path holding a generated shapes dataset), else torchvision's
+    generated size for generated data (the embedded default, or a --data-path holding one), else torchvision's
     800 / 1333. The one place image-size defaults are decided."""
-    if uses_embedded_data(args):
-        defaults = sorted(shapes_spec(args)["image_size"])
-    else:
-        generated = shapes.shapes_params(getattr(args, "data_path", None) or "")
-        defaults = sorted((generated["height"], generated["width"])) if generated else COCO_SIZES
+    generated = generated_params(args)
+    defaults = sorted((generated["height"], generated["width"])) if generated else COCO_SIZES
     if getattr(args, "min_size", None) is None:
         args.min_size = defaults[0]
     if getattr(args, "max_size", None) is None:  # keeps the default aspect cap when only min_size is given
@@ -310,7 +318,8 @@ def build_loader(dataset, batch_size: int, train: bool, workers: int = 0, rank: 
 
 def leave_sigint_to_main(worker_id):
     """Ctrl-C reaches every process of the terminal's group: workers ignore it, so that the main process can finish
-    its iteration and checkpoint (a worker that died of it would fail the next batch)."""
+    its iteration and checkpoint (a worker that died of it would fail the next batch). SIGTERM stays as it is: the
+    loader itself stops workers with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -735,8 +735,7 @@ class MSDeformAttn(nn.Module):
 
     def sampling(self, query, reference_points, spatial_shapes):
         """(sampling_locations [B, Q, H, L, P, 2], attention_weights [B, Q, H, L, P]) of `forward`: where each
-        query reads and with what weight. They depend on the queries alone, so a decoder that reads several
-        feature maps with the same queries can compute them once and `read` each map with them."""
+        query reads and with what weight (they depend on the queries alone; `read` samples a value map with them)."""
         H, L, P = self.n_heads, self.n_levels, self.n_points
         B, Q = query.shape[:2]
         offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)

@@ -14,6 +14,7 @@ import contextlib
 import io
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -27,12 +28,12 @@ from torchvision.utils import draw_bounding_boxes
 
 import detectors
 import unikd
-from data import add_data_args, base_dataset, build_dataset, build_loader, data_flag_defaults, targets_to
+from data import DATA_FLAGS, add_data_args, base_dataset, build_dataset, build_loader, data_flag_defaults, targets_to
 from utils import (AKE_FILE_KIND, CHECKPOINT_KIND, ArgumentParser, UserError, atomic_write_json, canonical_model_name,
-                   exit_on_user_error, frozen_unikd, load_ake_file, load_user_file)
+                   exit_on_user_error, explicit_flags, frozen_unikd, load_ake_file, load_user_file)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-DATA_CHOICE = {k: v for k, v in data_flag_defaults().items() if k not in ("min_size", "max_size")}  # which data
+DATA_CHOICE = tuple(k for k in data_flag_defaults() if k not in ("min_size", "max_size"))  # flags naming the data
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -55,7 +56,7 @@ def evaluate(model, loader, device, verbose: bool = False) -> dict:
     model.train(was_training)
 
     if dist.is_available() and dist.is_initialized():
-        # DistributedSampler pads with repeated images: keyed by image id, duplicates collapse.
+        # the samplers pad every rank's share with repeated images: keyed by image id, duplicates collapse
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (boxes, segms))
         if dist.get_rank() != 0:
@@ -268,6 +269,10 @@ def attention_in_image(teacher, akes, loader, device, seed=0) -> dict:
             inside[i] += mass_in
             total[i] += mass
     akes.train(was_training)
+    if dist.is_available() and dist.is_initialized():  # every rank read its share of the images
+        masses = torch.stack([inside, total]).to(device)
+        dist.all_reduce(masses)
+        inside, total = masses.cpu()
     share = (inside / total.clamp(min=1e-12)).tolist()
     return {"attn_in_image_ct": share[0], "attn_in_image_pos": share[1]}
 
@@ -337,6 +342,7 @@ def compare_pictures(model_a, model_b, dataset, device, count, out_dir, score_th
 # --------------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = ArgumentParser(description="COCO evaluation of a trained detector (bbox AP; segm AP for mask_rcnn)")
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (model.pth, student.pth)")
     parser.add_argument("--model", default=None, help="detector name, e.g. fcos_r18; default: the name model.pth "
@@ -362,7 +368,7 @@ def parse_args(argv=None):
     for spec in (args.density or []) + ([args.compare] if args.compare else []):
         if "=" not in spec:
             parser.error(f"{spec}: expected NAME=CKPT, e.g. fcos_r18=runs/distill_fcos_r18/student.pth")
-    args.explicit_data = {k for k, v in DATA_CHOICE.items() if getattr(args, k) != v}
+    args.explicit = explicit_flags(parser, argv)
     return args
 
 
@@ -400,14 +406,11 @@ def model_name_of(args, info):
 
 
 def adopt_training_data(args, train_args):
-    """Without data flags, evaluate on the data and at the image size the model was trained with (recorded in its
-    checkpoint); explicit flags win."""
-    if not args.explicit_data:
-        for k in DATA_CHOICE:
-            if k in train_args:
-                setattr(args, k, train_args[k])
-    for k in ("min_size", "max_size"):
-        if getattr(args, k) is None and train_args.get(k):
+    """Evaluate on the data and at the image size the model was trained with (its checkpoint records the flags),
+    flag by flag: a flag given on the command line wins; COCO-format flags given take the place of all of them."""
+    given_data = any(k in args.explicit for k in DATA_FLAGS)
+    for k in DATA_CHOICE + ("min_size", "max_size"):
+        if k in train_args and k not in args.explicit and not (given_data and k in DATA_CHOICE):
             setattr(args, k, train_args[k])
 
 

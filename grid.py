@@ -108,13 +108,6 @@ class Steps:
                          str(seed), "--epochs", str(self.args.student_epochs), "--eval-every", "0"])
 
 
-def explicit_flags(parser, argv):
-    """The dests of the flags given on the command line (not left at their defaults), sorted."""
-    unset = object()
-    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != "help"})
-    return sorted(k for k, v in vars(parser.parse_args(argv)).items() if v is not unset)
-
-
 def apply_defaults(args, defaults):
     """Fills the demo/grid schedule defaults into the flags the user did not give."""
     for name, value in defaults.items():
@@ -142,14 +135,15 @@ def stage_demo(args, steps):
         m = r["metrics"]
         lines.append(f"| {step} | {model} | {m.get('AP', float('nan')):.3f} | {m.get('AP50', float('nan')):.3f} | "
                      f"{r['seconds']:.0f} s{' (earlier run)' if r.get('skipped') else ''} |")
+    teacher_ap, _, alone_ap, unikd_ap = (r["metrics"].get("AP", float("nan")) for _, _, r in rows)
     lines.append("\nsmoke test: every stage runs; on this handful of images the numbers mean nothing" if args.smoke
-                 else "\n" + demo_verdict(*[r["metrics"].get("AP", float("nan")) for _, _, r in rows]))
+                 else "\n" + demo_verdict(teacher_ap, alone_ap, unikd_ap))
     log(args, "\n".join(["", f"demo ({root}), one seed:"] + lines))
     return {"rows": [(s, m, r["metrics"], r["seconds"]) for s, m, r in rows]}
 
 
 
-def demo_verdict(teacher, ake, alone, unikd):
+def demo_verdict(teacher, alone, unikd):
     """What the demo's APs say, plainly: whether there was anything to distil, and whether UniKD beat the student
     alone (one seed: a difference within ~0.005 AP is not a gain)."""
     if teacher <= alone:
@@ -217,7 +211,8 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
         kind = "homogeneous" if same else "heterogeneous"
         out.append(f"| {teacher} → {student} ({kind}) | " + " | ".join(row + gains) + " |")
         t = prerequisites[teacher][0]
-        if t is not None and values.get("none") and ap(t) <= statistics.mean(values["none"]):
+        if t is not None and values.get("none") and ap(t) <= statistics.mean(values["none"]) and \
+                not teacher.startswith(RANDOM_PREFIX):  # the control is meant to know nothing
             weaker.append(f"{teacher} (AP {ap(t):.3f}) is not stronger than {student} without KD (AP "
                           f"{statistics.mean(values['none']):.3f}): nothing to distil; give it more --teacher-epochs.")
     out += ([""] + [f"Note: {line}" for line in weaker]) if weaker else []

@@ -50,8 +50,8 @@ def ensure_shapes_dataset(root=SHAPES_ROOT, num_train=2000, num_val=500, image_s
     if existing == params:
         return root
     if existing is not None or os.path.exists(root):
-        raise UserError(f"{root} exists but was not generated with {params}; delete it to regenerate, or "
-                        f"pass another root / --data-path")
+        raise UserError(f"{root} exists but was not generated with {params}; delete it to regenerate it, or pass "
+                        f"--data-path for data of your own")
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=parent)

@@ -34,9 +34,9 @@ import grid
 import store
 import unikd
 from eval import AKEDetector, attention_in_image, evaluate
-from utils import (CHECKPOINT_KIND, MODEL_KIND, AKE_FILE_KIND, ArgumentParser, UserError, atomic_save,
-                   atomic_write_json, canonical_model_name, file_sha256, frozen_unikd, init_distributed, is_main,
-                   load_ake_file, load_user_file, log, report_user_error)
+from utils import (AKE_FILE_KIND, CHECKPOINT_KIND, MODEL_KIND, ArgumentParser, UserError, atomic_save,
+                   atomic_write_json, canonical_model_name, explicit_flags, file_sha256, frozen_unikd,
+                   init_distributed, is_main, load_ake_file, load_user_file, log, report_user_error)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def get_args_parser():
                         "student step (no KD) on the same batches, print the medians and their ratio (bench.py)")
     # demo and grid (the paper's Table 2 in miniature): schedules of their steps
     p.add_argument("--smoke", action="store_true",
-                   help="--stage demo: every stage on a few tiny images for a few iterations (about a minute on a CPU)")
+                   help="--stage demo: every stage on a few tiny images for a few iterations (about 30 s on a CPU)")
     p.add_argument("--teachers", default="fcos_r34,faster_rcnn_r50",
                    help="--stage grid: teacher detectors; random_<name> is that architecture untrained (the control)")
     p.add_argument("--students", default="retinanet_r18_v2,fcos_r18", help="--stage grid: student detectors")
@@ -175,9 +175,11 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
             atomic_save({"kind": CHECKPOINT_KIND, "stage": args.stage, "run": args.run_name,
                          "model": module.state_dict(), "optimizer": optimizer.state_dict(),
                          "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "iteration": iteration, "metrics": metrics, "args": vars(args),
-                         "rng": torch.get_rng_state(),
+                         "iteration": iteration, "layout": data_layout(args, iters_per_epoch), "metrics": metrics,
+                         "args": vars(args), "rng": torch.get_rng_state(),
                          "generator": generator.get_state() if generator is not None else None}, checkpoint)
+        if args.distributed:  # no rank leaves before the checkpoint is on disk
+            dist.barrier()
 
     if args.epochs == 0:  # the initial weights, evaluated and saved (e.g. the grid's random teacher)
         metrics = evaluate_fn()
@@ -201,9 +203,10 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
                 with autocast(args, device):
                     losses = loss_fn(images, targets)
                 logged, stopping = reduce_losses(losses, args, stop=bool(requested))
-                if not math.isfinite(sum(logged.values())):
-                    raise RuntimeError(f"loss is {sum(logged.values())} at epoch {epoch} iter {it}: {logged}; "
-                                       f"lower --lr or check the data")
+                bad = [k for k, v in logged.items() if not math.isfinite(v)]
+                if bad:  # every rank sees the same reduced values, so every rank stops here
+                    raise UserError(f"--stage {args.stage}: {bad[0]} is {logged[bad[0]]} at epoch {epoch}, iteration "
+                                    f"{it + 1}; nothing was saved from this state: lower --lr, or check the data")
                 optimizer.zero_grad(set_to_none=True)
                 sum(losses.values()).backward()
                 if args.clip_grad:
@@ -235,12 +238,28 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
     return metrics
 
 
+def data_layout(args, iters_per_epoch):
+    """What decides which batch an iteration is: a run resumed mid-epoch must have the same."""
+    return {"world_size": args.world_size, "batch_size": args.batch_size, "iters_per_epoch": iters_per_epoch,
+            "seed": args.seed}
+
+
 def restore(ckpt, module, optimizer, scheduler, scaler, generator, args, iters_per_epoch):
-    """Loads a checkpoint's states -> (epoch, iteration within it, metrics) to continue from."""
-    module.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["lr_scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
+    """Loads a checkpoint's states -> (epoch, iteration within it, metrics) to continue from; a UserError when the
+    checkpoint does not fit this run (other model flags, or another data layout for a mid-epoch resume)."""
+    layout = ckpt.get("layout", data_layout(args, iters_per_epoch))
+    if ckpt.get("iteration", iters_per_epoch) < iters_per_epoch and layout != data_layout(args, iters_per_epoch):
+        raise UserError(f"--resume {args.resume}: stopped mid-epoch with {layout}, this run has "
+                        f"{data_layout(args, iters_per_epoch)}; resume with the processes, --batch-size, --max-iters "
+                        f"and --seed of the interrupted run")
+    try:
+        module.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"--resume {args.resume}: does not fit this run ({str(e).splitlines()[0][:200]}); resume with "
+                        f"the flags of its args.json") from None
     if not args.distributed:  # each rank's random state is its own; one checkpoint keeps rank 0's
         if ckpt.get("rng") is not None:
             torch.set_rng_state(ckpt["rng"])
@@ -316,8 +335,7 @@ class JsonlLogger:
 
 def load_checkpoint(path, args=None):
     """A resumable checkpoint (of this stage and model when args are given), or a UserError naming the problem."""
-    ckpt = load_user_file(path, "--resume", "a checkpoint", "pass the checkpoint.pth of an earlier run",
-                          weights_only=False)
+    ckpt = load_user_file(path, "--resume", "a checkpoint", "pass the checkpoint.pth of an earlier run")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise UserError(f"--resume {path}: not a train.py checkpoint (no optimizer/epoch state); "
                         f"pass the checkpoint.pth of an earlier run")
@@ -345,6 +363,7 @@ def build_data(args, with_masks):
             dist.barrier()
     train_ds = data.build_dataset(args, "train", with_masks=with_masks)
     val_ds = data.build_dataset(args, "val")
+    log(args, f"train: {train_ds.summary()}\nval: {val_ds.summary()}")
     loader = dict(workers=args.workers, rank=args.rank, world_size=args.world_size, seed=args.seed)
     return (train_ds, data.build_loader(train_ds, args.batch_size, train=True, **loader),
             data.build_loader(val_ds, args.batch_size, train=False, **loader))
@@ -375,9 +394,10 @@ def set_schedule_defaults(args, family, epochs, optimizer="sgd"):
     """The recipe where flags are not given (args.recipe, in args.json, says which):
     "1x", the paper's for COCO-format data: SGD lr 0.01 one-stage / 0.02 two-stage at batch 16, scaled linearly with
         the total batch, warm-up 500, x0.1 at 8 and 11 of 12 epochs; pretraining AdamW 2e-4, x0.1 at 2/3.
-    "small", for the embedded data, where detectors train from scratch for a few thousand iterations: twice the
-        per-image SGD lr (0.01 one-stage / 0.02 two-stage at batch 8), warm-up 100, one x0.1 at 11/12."""
-    args.recipe = "small" if data.uses_embedded_data(args) else "1x"
+    "small", for generated data (the embedded default), where detectors train from scratch for a few thousand
+        iterations: twice the per-image SGD lr (0.01 one-stage / 0.02 two-stage at batch 8), warm-up 100, one x0.1
+        at 11/12 of the epochs (in the last, for runs of a few)."""
+    args.recipe = "small" if data.generated_params(args) is not None else "1x"
     small = args.recipe == "small"
     args.epochs = epochs if args.epochs is None else args.epochs
     args.weight_decay = 1e-4 if args.weight_decay is None else args.weight_decay
@@ -388,8 +408,8 @@ def set_schedule_defaults(args, family, epochs, optimizer="sgd"):
     if args.lr_steps is None:
         if optimizer != "sgd":
             args.lr_steps = [round(args.epochs * 2 / 3)]
-        elif small:
-            args.lr_steps = [round(args.epochs * 11 / 12)]
+        elif small:  # one decay, at 11/12 but within the run (a run of a few epochs decays in its last)
+            args.lr_steps = [min(args.epochs - 1, round(args.epochs * 11 / 12))] if args.epochs > 1 else []
         else:
             args.lr_steps = [round(args.epochs * 8 / 12), round(args.epochs * 11 / 12)]
 
@@ -611,16 +631,16 @@ def stage_dump(args, device):
     writer = store.StoreWriter(path, store.dump_params(ake_file, ake_path, ids, flips, args.dump_dtype,
                                                        args.dump_shard_images, args.batch_size, args.seed,
                                                        args.min_size, args.max_size))
-    if writer.check():
-        log(args, f"resuming the unfinished dump in {writer.partial}")
-    elif is_main(args):
-        writer.start()
-    if args.distributed:
-        dist.barrier()
-
+    resuming = writer.check()
     teacher = build_frozen_teacher(ake_file["teacher"], train_ds.num_classes, ake_file["teacher_weights"], args,
                                    device)
     model = frozen_unikd(ake_file).to(device)
+    if resuming:
+        log(args, f"resuming the unfinished dump in {writer.partial}")
+    elif is_main(args):
+        writer.start()  # only now: a dump refused on its inputs writes nothing
+    if args.distributed:
+        dist.barrier()
     element_bytes = store.DUMP_DTYPES[args.dump_dtype].itemsize
     shards = [list(range(k, min(k + args.dump_shard_images, len(ids))))
               for k in range(0, len(ids), args.dump_shard_images)]
@@ -683,14 +703,15 @@ def resume_command(args, checkpoint):
         i += 2 if a == "--resume" else 1
         if not a.startswith("--resume"):
             kept.append(a)
-    return "python train.py " + shlex.join(kept + ["--resume", checkpoint])
+    launcher = f"torchrun --nproc_per_node={args.world_size} train.py " if args.distributed else "python train.py "
+    return launcher + shlex.join(kept + ["--resume", checkpoint])
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    args.explicit = grid.explicit_flags(get_args_parser(), argv)
+    args.explicit = explicit_flags(get_args_parser(), argv)
     args.argv, args.command = argv, "python train.py " + shlex.join(argv)
     try:
         if args.data_path is not None and not os.path.isdir(args.data_path):
@@ -711,7 +732,9 @@ def main(argv=None):
         log(args, f"{e}: checkpoint {e.checkpoint}\ncontinue with: {resume_command(args, e.checkpoint)}")
         sys.exit(130)
     except KeyboardInterrupt:
-        log(args, f"interrupted; rerun to continue: {args.command}")
+        checkpoint = os.path.join(getattr(args, "output_dir", None) or "", "checkpoint.pth")
+        log(args, "interrupted; continue with: " + (resume_command(args, checkpoint)
+                                                    if os.path.isfile(checkpoint) else args.command))
         sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():

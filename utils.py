@@ -78,6 +78,13 @@ def canonical_model_name(name, flag):
         raise UserError(f"{flag} {name}: {e}") from None
 
 
+
+def explicit_flags(parser, argv):
+    """The dests of the flags given on the command line (not left at their defaults), sorted."""
+    unset = object()
+    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    return sorted(k for k, v in vars(parser.parse_args(argv)).items() if v is not unset)
+
 # ---------------------------------------------------------------------------------------------- atomic writes
 
 def atomic_write(path, write):
@@ -159,7 +166,7 @@ def load_ake_file(path, flag="--ake", num_classes=None, teacher=None):
     """ake.pth -> its dict {kind, config, state_dict, teacher, teacher_weights, num_classes, min_size, max_size, ...},
     checked against the dataset's class count and the teacher the user named, or a UserError naming the problem."""
     hint = "pass the ake.pth written by --stage pretrain"
-    ake_file = load_user_file(path, flag, "an AKE file", hint, weights_only=False)
+    ake_file = load_user_file(path, flag, "an AKE file", hint)
     if not isinstance(ake_file, dict) or ake_file.get("kind") != AKE_FILE_KIND:
         raise UserError(f"{flag} {path}: not an AKE file (no UniKD AKE state in it); {hint}")
     if num_classes is not None and ake_file["num_classes"] != num_classes:
