@@ -26,7 +26,6 @@ import torch
 
 import deform_attn_triton as msda
 import detectors
-from data import targets_to
 from utils import ArgumentParser, UserError, log
 
 SIZE_NAMES = ("decoder", "encoder-128px", "encoder-512px")   # bench sizes on every device (GPU adds more)
@@ -365,13 +364,13 @@ def _print_compile_table(rows):
 # ---------------------------------------------------------------------------------------------------------------------
 # distillation step cost (train.py --stage distill --kd-cost STEPS)
 
-def kd_cost(args, device, kd_loss_fn, teacher, student, optimizer, train_loader, offline=False):
+def kd_cost(args, device, kd_loss_fn, teacher, student, optimizer, train_loader, step_context, to_device,
+            offline=False):
     """Median step times, alternating on the same batches after 2 warm-up steps each: online distillation vs the
     same step without KD (teacher forward + student train step); with offline, also the offline step (stored
     knowledge, no teacher) and the teacher forward alone, to project offline/online for a costlier teacher."""
     if teacher is None:
         raise UserError("--kd-cost times the KD overhead; it needs --method unikd or fitnet")
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
 
     def teacher_forward(images, targets):
         with torch.no_grad():
@@ -384,7 +383,7 @@ def kd_cost(args, device, kd_loss_fn, teacher, student, optimizer, train_loader,
 
     def step_seconds(loss_fn, images, targets):
         t0 = time.perf_counter()
-        with autocast:
+        with step_context():
             losses = loss_fn(images, targets)
         if losses:
             optimizer.zero_grad(set_to_none=True)
@@ -399,8 +398,7 @@ def kd_cost(args, device, kd_loss_fn, teacher, student, optimizer, train_loader,
         fns.update(offline=lambda im, tg: kd_loss_fn(im, tg, offline=True), teacher=teacher_forward)
     times = {k: [] for k in fns}
     for i, batch in enumerate(itertools.islice(itertools.cycle(train_loader), args.kd_cost + 2)):
-        images = [im.to(device) for im in batch[0]]
-        targets = targets_to(batch[1], device)
+        images, targets = to_device(*batch, device)
         for k, fn in fns.items():
             t = step_seconds(fn, images, targets)
             if i >= 2:

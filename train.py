@@ -607,7 +607,7 @@ def stage_distill(args, device):
     if args.kd_cost:
         import bench  # tooling: only this flag needs it
         return bench.kd_cost(args, device, loss_fn, teacher, student, sgd(params, args), train_loader,
-                             offline=knowledge_store is not None)
+                             lambda: autocast(args, device), to_device, offline=knowledge_store is not None)
 
     def save(epoch, metrics):
         atomic_save(student.state_dict(), os.path.join(args.output_dir, "student.pth"))
