@@ -313,14 +313,16 @@ def build_loader(dataset, batch_size: int, train: bool, workers: int = 0, rank: 
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        collate_fn=collate_fn, drop_last=train and len(sampler) > batch_size,
                                        generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,
-                                       worker_init_fn=leave_sigint_to_main)
+                                       worker_init_fn=leave_stop_signals_to_main)
 
 
-def leave_sigint_to_main(worker_id):
-    """Ctrl-C reaches every process of the terminal's group: workers ignore it, so that the main process can finish
-    its iteration and checkpoint (a worker that died of it would fail the next batch). SIGTERM stays as it is: the
-    loader itself stops workers with it."""
+def leave_stop_signals_to_main(worker_id):
+    """Ctrl-C (SIGINT) reaches every process of the terminal's group, and schedulers (Slurm, kill -- -pgid) send
+    SIGTERM to all of a job's processes: workers ignore both, so that the main process can finish its iteration
+    and checkpoint (a worker that died of one would fail the batch in flight). Workers still end: the loader's
+    shutdown asks them to, and a worker whose main process is gone exits on its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class EpochSampler(torch.utils.data.Sampler):

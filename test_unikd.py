@@ -1744,6 +1744,28 @@ def test_sigint_mid_epoch_checkpoints_and_resume_equals_an_uninterrupted_run(tmp
         assert torch.equal(resumed["model"][k], v), k
 
 
+def test_sigterm_to_the_whole_process_group_checkpoints_like_ctrl_c(tmp_path):
+    """A scheduler's SIGTERM reaches the loader's workers too: the run still stops after its iteration with a
+    checkpoint and the resume command, not with a dead worker's traceback."""
+    args = ["--stage", "train", "--model", "fcos_r18", "--epochs", "1", "--eval-every", "0"] + TINY + \
+        ["--shapes-train", "16", "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, TRAIN] + args, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO),
+                            start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 0 [2/8]"):
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
+    ckpt = torch.load(tmp_path / "runs" / "train_fcos_r18" / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 0 and 2 <= ckpt["iteration"] < 8
+    assert "continue with: python train.py" in stdout
+    time.sleep(1)  # the workers leave with their main process
+    alive = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not alive, alive
+
+
 def test_torchrun_user_error_is_one_line_from_rank_0_and_every_worker_exits_2(tmp_path):
     res = run(["--stage", "train", "--model", "yolo_r50"] + TINY, tmp_path, torchrun=2)
     errors = [l for l in (res.stdout + res.stderr).splitlines() if "error: " in l and "yolo_r50" in l]
