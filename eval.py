@@ -244,7 +244,9 @@ def sampling_pictures(teacher, akes, dataset, device, count, out_dir, seed=0):
                                       (akes.ake_pos, unikd.Queries(k.queries_pos, k.boxes), GREEN)):
             _, samplings = model.extract(queries, out.features, return_sampling=True)
             locations, weights = samplings[-1]                   # [1, N, H, L, P, 2], [1, N, H, L, P]
-            heat = splat(locations, weights, h_pad * zoom, w_pad * zoom)[:h * zoom, :w * zoom]
+            # splatted at the image's own resolution, then enlarged with it: a sample is a zoom x zoom block
+            heat = splat(locations, weights, h_pad, w_pad)[:h, :w]
+            heat = heat.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
             halves.append(blend(picture, heat, color))
         path = os.path.join(out_dir, f"sampling_{target['image_id']:012d}.png")
         write_png(hstack(*halves), path)
