@@ -2293,6 +2293,8 @@ def test_grid_random_teacher_control_is_the_untrained_architecture_with_its_own_
 
 def test_demo_says_plainly_whether_unikd_beat_the_student_alone():
     assert "nothing to distil" in grid.demo_verdict(0.20, 0.25, 0.30)
+    assert grid.demo_verdict(0.04, 0.01, 0.02).startswith("The teacher is still weak (AP 0.040)")
+    assert "not what UniKD gains" in grid.demo_verdict(0.24, 0.01, 0.20)
     assert grid.demo_verdict(0.40, 0.25, 0.30).startswith("UniKD beat the student alone by +0.050 AP")
     assert "did not beat the student alone (AP 0.252 against 0.250)" in grid.demo_verdict(0.40, 0.25, 0.252)
 
