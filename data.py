@@ -153,6 +153,11 @@ def load_coco(ann_file: str) -> COCO:
                         f"'categories'); point --data-path / --*-ann at a COCO instances_*.json")
     if not data["categories"]:
         raise UserError(f"annotation file {ann_file} has no categories; a detection dataset needs at least one")
+    for key in ("images", "annotations", "categories"):  # pycocotools' index would keep only the last of each id
+        repeated = first_repeated_id(data[key])
+        if repeated is not None:
+            raise UserError(f"annotation file {ann_file} lists {key} id {repeated} more than once; ids must be "
+                            f"unique, fix the file")
     coco = COCO()
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -162,6 +167,18 @@ def load_coco(ann_file: str) -> COCO:
         raise UserError(f"annotation file {ann_file} has a malformed entry (missing {e}); "
                         f"fix the file or regenerate it") from None
     return coco
+
+
+def first_repeated_id(entries):
+    seen = set()
+    for entry in entries:
+        key = entry.get("id") if isinstance(entry, dict) else None
+        if key is None:  # malformed: createIndex names it
+            continue
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 def box_xyxy_in_image(bbox, height, width):
@@ -195,7 +212,11 @@ class CocoDetection(torch.utils.data.Dataset):
         log.info("%s: %s", ann_file, self.summary())
 
     def _usable_ids(self):
-        ids, degenerate, crowd, empty = [], 0, 0, 0
+        """The images to serve (for training, those with a usable box) and what was dropped on the way:
+        crowd boxes ignored; boxes partly outside the image clipped to it; boxes without area inside it (zero or
+        negative size, wholly outside) dropped. A UserError when nothing usable is left."""
+        ids, degenerate, clipped, crowd, empty = [], 0, 0, 0, 0
+        self.boxes_per_label = dict.fromkeys(self.label_to_cat, 0)
         for image_id in sorted(self.coco.imgs):
             info = self.coco.imgs[image_id]
             usable = 0
@@ -203,6 +224,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 try:
                     box = box_xyxy_in_image(ann["bbox"], info["height"], info["width"])
                     known = ann["category_id"] in self.cat_to_label
+                    x, y, w, h = ann["bbox"]
                 except (KeyError, TypeError, ValueError) as e:
                     raise UserError(f"annotation {ann.get('id')} of image {image_id} in {self.ann_file} is malformed "
                                     f"({type(e).__name__}: {e}); fix the file or regenerate it") from None
@@ -215,19 +237,27 @@ class CocoDetection(torch.utils.data.Dataset):
                     degenerate += 1
                 else:
                     usable += 1
+                    clipped += box != [x, y, x + w, y + h]
+                    self.boxes_per_label[self.cat_to_label[ann["category_id"]]] += 1
             if usable == 0:
                 empty += 1
                 if self.train:
                     continue
             ids.append(image_id)
-        return ids, {"images": len(ids), "degenerate_boxes_dropped": degenerate, "crowd_boxes_ignored": crowd,
-                     "images_without_boxes": empty, "images_skipped": empty if self.train else 0}
+        if sum(self.boxes_per_label.values()) == 0:
+            what = "training needs annotated images" if self.train else "evaluation needs ground truth to compare with"
+            raise UserError(f"annotation file {self.ann_file}: none of its {len(self.coco.imgs)} images has a usable "
+                            f"box ({len(self.coco.anns)} annotations, {degenerate} without area, {crowd} crowd); "
+                            f"{what}, point --*-ann at an annotated split")
+        return ids, {"images": len(ids), "degenerate_boxes_dropped": degenerate, "boxes_clipped": clipped,
+                     "crowd_boxes_ignored": crowd, "images_without_boxes": empty,
+                     "images_skipped": empty if self.train else 0}
 
     def summary(self) -> str:
         s = self.stats
         return (f"{s['images']} images, {self.num_classes - 1} classes; dropped {s['degenerate_boxes_dropped']} "
-                f"degenerate boxes, ignored {s['crowd_boxes_ignored']} crowd boxes, "
-                f"{s['images_without_boxes']} images without boxes "
+                f"degenerate boxes, clipped {s['boxes_clipped']} to the image, ignored {s['crowd_boxes_ignored']} "
+                f"crowd boxes, {s['images_without_boxes']} images without boxes "
                 f"({'skipped' if self.train else 'kept for evaluation'})")
 
     def __len__(self):
@@ -275,17 +305,60 @@ class CocoDetection(torch.utils.data.Dataset):
         return image.as_subclass(torch.Tensor), out
 
     def _read_image(self, info):
-        path = os.path.join(self.image_dir, info["file_name"])
+        path = os.path.join(self.image_dir, info["file_name"])  # file_name may name a sub-folder
         try:
             with Image.open(path) as im:
-                array = np.asarray(im.convert("RGB"))
+                array = rgb_uint8(im, path)
         except FileNotFoundError:
             raise LocalUserError(f"image file {path} is missing; check the image folder (--data-path / --*-images) "
                             f"matches the annotation file") from None
         except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError, truncated files
             raise LocalUserError(f"image file {path} is corrupt or not an image ({type(e).__name__}); "
                             f"replace the file or remove it from the annotation file") from None
+        if array.shape[:2] != (info["height"], info["width"]):  # the boxes would be in another image's pixels
+            raise LocalUserError(f"image file {path} is {array.shape[1]}x{array.shape[0]} but {self.ann_file} says "
+                                 f"{info['width']}x{info['height']}; fix its width/height (and boxes) in the file")
         return tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
+
+
+def rgb_uint8(im, path):
+    """A PIL image of any common mode -> uint8 [h, w, 3]: greyscale and palette expanded, alpha dropped, 16-bit
+    greyscale scaled to 8 bits (PIL's own conversion would clip it at 255)."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise LocalUserError(f"image file {path} holds 32-bit floats; convert it to 8- or 16-bit")
+    return np.asarray(im.convert("RGB"))
+
+
+def categories_of(dataset) -> list:
+    """[[category id, name], ...] in label order: what a model trained on the dataset predicts."""
+    return [[cat, name] for cat, name in zip(dataset.cat_ids, dataset.class_names)]
+
+
+def category_difference(a, b):
+    """How two categories_of lists differ, in a few words (None when they are the same)."""
+    if a == b:
+        return None
+    only_a, only_b = sorted({c for c, _ in a} - {c for c, _ in b}), sorted({c for c, _ in b} - {c for c, _ in a})
+    if only_a or only_b:
+        return f"category ids {only_a[:5]} only in the first, {only_b[:5]} only in the second"
+    renamed = next((x, y) for x, y in zip(a, b) if x != y)
+    return f"category {renamed[0][0]} is '{renamed[0][1]}' in the first, '{renamed[1][1]}' in the second"
+
+
+def check_splits(train, val) -> str:
+    """A UserError when the validation split's categories are not the training split's (its labels would mean other
+    classes); otherwise a note naming classes with validation boxes but no training box ('' when none)."""
+    difference = category_difference(categories_of(train), categories_of(val))
+    if difference:
+        raise UserError(f"{train.ann_file} and {val.ann_file} list different categories ({difference}); give both "
+                        f"splits the same 'categories' list")
+    unseen = [name for label, name in enumerate(train.class_names, start=1)
+              if train.boxes_per_label[label] == 0 and val.boxes_per_label[label] > 0]
+    return (f"note: {len(unseen)} classes have validation boxes but no training box ({', '.join(unseen)}); their AP "
+            f"will be about 0" if unseen else "")
 
 
 def resized_hw(height, width, min_size, max_size):

@@ -28,7 +28,8 @@ from torchvision.utils import draw_bounding_boxes
 
 import detectors
 import unikd
-from data import DATA_FLAGS, add_data_args, base_dataset, build_dataset, build_loader, data_flag_defaults, targets_to
+from data import (DATA_FLAGS, add_data_args, base_dataset, build_dataset, build_loader, categories_of,
+                  category_difference, data_flag_defaults, targets_to)
 from utils import (AKE_FILE_KIND, CHECKPOINT_KIND, ArgumentParser, UserError, atomic_write_json, canonical_model_name,
                    exit_on_user_error, explicit_flags, frozen_unikd, load_ake_file, load_user_file)
 
@@ -389,7 +390,7 @@ def checkpoint_info(path, flag="--ckpt") -> dict:
         raise UserError(f"{flag} {path}: an AKE file; evaluate its teacher's model.pth, or pass this file to "
                         f"--sampling with --ckpt the teacher's model.pth")
     train_args = obj.get("args") if isinstance(obj.get("args"), dict) else {}
-    return {"model_name": obj.get("model_name"), "args": train_args}
+    return {"model_name": obj.get("model_name"), "args": train_args, "categories": obj.get("categories")}
 
 
 def model_name_of(args, info):
@@ -467,6 +468,10 @@ def main(argv=None):
     name = model_name_of(args, info)
     adopt_training_data(args, info["args"])
     dataset = build_dataset(args, "val")
+    difference = info["categories"] and category_difference(info["categories"], categories_of(dataset))
+    if difference:  # (a model.pth from before categories were recorded is not checked)
+        raise UserError(f"--ckpt {args.ckpt} was trained on other categories than {dataset.ann_file} lists "
+                        f"({difference}); evaluate on data with its training set's 'categories' list")
     model = load_model(name, args.ckpt, dataset, args).to(args.device)
     print(f"{name} from {args.ckpt}: {dataset.summary()}", flush=True)
     if args.sampling or args.density or args.compare:

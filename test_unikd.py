@@ -982,6 +982,139 @@ def test_category_mapping_crowd_degenerate_and_empty_images(tmp_path):
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
 
 
+def odd_coco(root, images=None, annotations=None, categories=None, files=None):
+    """A tiny COCO-format split in root: files {name: uint8 array or PIL image}; every image 40x60 unless given."""
+    files = files if files is not None else {"a.png": np.full((40, 60, 3), 90, np.uint8),
+                                             "b.png": np.full((40, 60, 3), 160, np.uint8)}
+    for name, picture in files.items():
+        (root / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
+        (picture if isinstance(picture, Image.Image) else Image.fromarray(picture)).save(root / name)
+    images = images if images is not None else [{"id": i + 1, "file_name": n, "height": 40, "width": 60}
+                                                for i, n in enumerate(files)]
+    annotations = annotations if annotations is not None else [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0},
+        {"id": 2, "image_id": 2, "category_id": 2, "bbox": [30, 10, 20, 20], "area": 400, "iscrowd": 0}]
+    categories = categories if categories is not None else [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}]
+    write_coco(root / "ann.json", images, annotations, categories)
+    return str(root), str(root / "ann.json")
+
+
+def odd_split(root, train=True, **kwargs):
+    images, ann = odd_coco(root, **kwargs)
+    return data.CocoDetection(images, ann, train=train, min_size=40, max_size=60)
+
+
+def box(i, image_id, bbox, category=1):
+    return {"id": i, "image_id": image_id, "category_id": category, "bbox": bbox, "area": 1, "iscrowd": 0}
+
+
+@pytest.mark.parametrize("case, kwargs, message", [
+    ("no annotations", dict(annotations=[]), "none of its 2 images has a usable box"),
+    ("only boxes without area", dict(annotations=[box(1, 1, [5, 5, 0, 9]), box(2, 2, [70, 5, 9, 9])]),
+     "none of its 2 images has a usable box (2 annotations, 2 without area"),
+    ("unknown category", dict(annotations=[box(1, 1, [5, 5, 9, 9], category=7)]), "category_id 7, which"),
+    ("no categories", dict(categories=[]), "has no categories"),
+    ("duplicate image ids", dict(images=[{"id": 1, "file_name": n, "height": 40, "width": 60}
+                                         for n in ("a.png", "b.png")]), "lists images id 1 more than once"),
+    ("duplicate annotation ids", dict(annotations=[box(3, 1, [5, 5, 9, 9]), box(3, 2, [5, 5, 9, 9])]),
+     "lists annotations id 3 more than once"),
+    ("duplicate category ids", dict(categories=[{"id": 1, "name": "one"}, {"id": 1, "name": "uno"}]),
+     "lists categories id 1 more than once"),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_odd_coco_inputs_that_are_refused_in_one_line(tmp_path, case, kwargs, message, train):
+    with pytest.raises(utils.UserError) as error:
+        odd_split(tmp_path, train=train, **kwargs)
+    assert message in str(error.value) and "\n" not in str(error.value) and ";" in str(error.value), case
+
+
+def test_odd_boxes_are_clipped_or_dropped_and_counted(tmp_path):
+    anns = [box(1, 1, [5, 5, 10, 10]),             # inside
+            box(2, 1, [50, 30, 20, 20]),           # partly outside: clipped to [50, 30, 60, 40]
+            box(3, 1, [-5, -5, 10, 10]),           # partly outside: clipped to [0, 0, 5, 5]
+            box(4, 1, [5, 5, -3, 10]),             # negative width: dropped
+            box(5, 1, [5, 5, 10, 0]),              # zero height: dropped
+            box(6, 2, [61, 5, 5, 5]),              # wholly outside: dropped, image 2 left without a box
+            box(7, 1, [1, 1, 30, 30]) | {"iscrowd": 1}]
+    train = odd_split(tmp_path, annotations=anns)
+    assert train.stats == {"images": 1, "degenerate_boxes_dropped": 3, "boxes_clipped": 2, "crowd_boxes_ignored": 1,
+                           "images_without_boxes": 1, "images_skipped": 1}
+    assert "dropped 3 degenerate boxes, clipped 2 to the image" in train.summary()
+    _, target = train.load(0, flip=False)
+    assert target["boxes"].tolist() == [[5, 5, 15, 15], [50, 30, 60, 40], [0, 0, 5, 5]]
+
+
+def test_greyscale_rgba_palette_and_16_bit_images_load_as_rgb_with_their_values(tmp_path):
+    grey16 = (np.arange(40 * 60).reshape(40, 60) * 27).astype(np.uint16)  # up to 63,693: PIL's RGB would clip
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 17
+    palette = Image.fromarray(np.full((40, 60), 3, np.uint8), mode="P")
+    palette.putpalette([0, 0, 0] * 3 + [10, 20, 30] + [0, 0, 0] * 252)
+    files = {"grey.png": np.full((40, 60), 77, np.uint8), "sub/dir/rgba.png": rgba, "palette.png": palette,
+             "grey16.png": grey16}
+    anns = [box(i + 1, i + 1, [5, 5, 10, 10]) for i in range(4)]
+    dataset = odd_split(tmp_path, train=False, files=files, annotations=anns)
+    pixels = [(dataset.load(i, flip=False)[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+              for i in range(4)]
+    assert all(p.shape == (40, 60, 3) for p in pixels)
+    assert (pixels[0] == 77).all()
+    assert (pixels[1] == [200, 0, 0]).all()                         # alpha dropped, colour kept
+    assert (pixels[2] == [10, 20, 30]).all()                        # the palette's colour, not its index
+    expected = np.floor(grey16 / 257 + 0.5).astype(np.uint8)         # 16 bits scaled to 8, rounded
+    assert all(np.array_equal(pixels[3][..., c], expected) for c in range(3)) and pixels[3].max() > 240
+
+
+def test_an_image_whose_size_disagrees_with_its_json_is_refused_when_read(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "height": 50, "width": 80},
+              {"id": 2, "file_name": "b.png", "height": 40, "width": 60}]
+    dataset = odd_split(tmp_path, images=images)
+    with pytest.raises(utils.LocalUserError, match="a.png is 60x40 but .* says 80x50; fix its width/height"):
+        dataset.load(0, flip=False)
+
+
+def test_validation_categories_must_be_the_training_ones_and_unseen_classes_are_named(tmp_path):
+    train = odd_split(tmp_path / "train", categories=[{"id": 1, "name": "one"}, {"id": 2, "name": "two"},
+                                                      {"id": 3, "name": "three"}])
+    val = odd_split(tmp_path / "val", train=False,
+                    annotations=[box(1, 1, [5, 5, 9, 9], category=3), box(2, 2, [5, 5, 9, 9], category=1)],
+                    categories=[{"id": 1, "name": "one"}, {"id": 2, "name": "two"}, {"id": 3, "name": "three"}])
+    assert data.check_splits(train, val).startswith("note: 1 classes have validation boxes but no training box "
+                                                    "(three)")
+    assert data.check_splits(train, train) == ""
+    other = odd_split(tmp_path / "other", train=False, categories=[{"id": 1, "name": "one"}, {"id": 2, "name": "two"},
+                                                                   {"id": 4, "name": "four"}])
+    with pytest.raises(utils.UserError, match=r"ids \[3\] only in the first, \[4\] only in the second"):
+        data.check_splits(train, other)
+    renamed = odd_split(tmp_path / "renamed", train=False, categories=[{"id": 1, "name": "one"},
+                                                                       {"id": 2, "name": "deux"},
+                                                                       {"id": 3, "name": "three"}])
+    with pytest.raises(utils.UserError, match="category 2 is 'two' in the first, 'deux' in the second"):
+        data.check_splits(train, renamed)
+
+
+def test_training_on_odd_but_usable_data_logs_what_was_dropped_and_a_refusal_changes_nothing(tmp_path):
+    """Through the CLI: odd images and boxes train and are counted; a refused split exits 2 in one line and leaves
+    the run folder of an earlier run as it was."""
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[..., 1] = 180
+    files = {"sub/a.png": np.full((40, 60), 120, np.uint8), "b.png": rgba}
+    anns = [box(1, 1, [5, 5, 20, 20]), box(2, 2, [45, 25, 30, 30], category=2), box(3, 2, [5, 5, 0, 5])]
+    images, ann = odd_coco(tmp_path / "odd", files=files, annotations=anns)
+    flags = ["--stage", "train", "--model", "fcos_r18", "--epochs", "1", "--eval-every", "0", "--batch-size", "2",
+             "--workers", "0", "--warmup-iters", "1", "--train-images", images, "--train-ann", ann,
+             "--val-images", images, "--val-ann", ann, "--min-size", "64", "--max-size", "96"]
+    res = run(flags, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "train: 2 images, 2 classes; dropped 1 degenerate boxes, clipped 1 to the image" in res.stdout
+    out = tmp_path / "runs" / "train_fcos_r18"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_coco(tmp_path / "odd" / "ann.json", [{"id": 1, "file_name": "b.png", "height": 40, "width": 60}] * 2, anns,
+               [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}])
+    resumed = flags + ["--epochs", "2", "--resume", str(out / "checkpoint.pth")]
+    assert_user_error(run(resumed, tmp_path), "lists images id 1 more than once")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 
 class Oracle(torch.nn.Module):
@@ -1107,6 +1240,17 @@ def test_cli_reads_the_model_name_from_model_pth_and_refuses_other_files(shapes,
     for argv, message in cases:
         code, err = run_main(argv + common, capsys)
         assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+    # a model.pth records its training categories: other data is refused, the same data evaluated
+    categories = data.categories_of(shapes_split(shapes, "val", train=False, min_size=64, max_size=96))
+    renamed = torch.load(model_pth, weights_only=True)
+    for recorded, refused in ((categories, False), ([[1, "dog"]] + categories[1:], True)):
+        torch.save(dict(renamed, categories=recorded), model_pth)
+        if refused:
+            code, err = run_main(["--ckpt", str(model_pth)] + common, capsys)
+            assert code == 2 and len(err) == 1 and "category 1 is 'dog' in the first" in err[0], err
+        else:
+            assert set(ev.METRIC_NAMES) <= set(ev.main(["--ckpt", str(model_pth)] + common))
+    torch.save(renamed, model_pth)
     # no data flag: the data and image size the checkpoint records, flag by flag (a flag given wins)
     recorded = torch.load(model_pth, weights_only=True)
     recorded["args"].update(data_path=shapes, min_size=64, max_size=96)
@@ -1764,6 +1908,60 @@ def test_sigterm_to_the_whole_process_group_checkpoints_like_ctrl_c(tmp_path):
     time.sleep(1)  # the workers leave with their main process
     alive = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert not alive, alive
+
+
+POISON = """
+import os, runpy, sys
+import torch
+from torchvision.models.detection import fcos
+AT, TERM, WHERE, RANK = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(os.environ.get("RANK", 0))
+original, calls = fcos.FCOSHead.compute_loss, [0]
+
+def poisoned(self, *args, **kwargs):  # FCOS's losses, one of them poisoned at training call AT (on rank RANK 1 only
+    losses = original(self, *args, **kwargs)  # under torchrun)
+    calls[0] += 1
+    if calls[0] == AT and (RANK == 1 or "WORLD_SIZE" not in os.environ):
+        if WHERE == "loss":
+            losses[TERM] = losses[TERM] * float("nan")
+        else:  # a finite loss whose gradient is not
+            losses[TERM].register_hook(lambda grad: grad * float("inf"))
+    return losses
+
+fcos.FCOSHead.compute_loss = poisoned
+sys.argv = [sys.argv[4]] + sys.argv[5:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("where, term, extra", [("loss", "classification", []),
+                                                ("gradient", "bbox_regression", ["--amp"])])
+def test_a_non_finite_loss_or_gradient_stops_at_once_and_leaves_the_last_checkpoint(tmp_path, where, term, extra):
+    """A NaN loss term, or an Inf gradient behind finite losses (with --amp too): exit 2 with one line naming the
+    stage, epoch, iteration and term; the checkpoint and model.pth of the last good epoch stay byte-identical."""
+    args = ["--stage", "train", "--model", "fcos_r18", "--eval-every", "0"] + TINY + extra  # 4 iterations an epoch
+    res = run(args + ["--epochs", "1"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "runs" / "train_fcos_r18"
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pth", "model.pth")}
+    (tmp_path / "poison.py").write_text(POISON)
+    res = subprocess.run([sys.executable, "poison.py", "2", term, where, TRAIN] + args +
+                         ["--epochs", "2", "--resume", str(out / "checkpoint.pth")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
+    named = f"{term} is nan" if where == "loss" else "the gradient of"
+    assert_user_error(res, "--stage train", named, "at epoch 1, iteration 2", "nothing was saved")
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    (tmp_path / "poison.py").write_text(POISON)
+    args = ["--stage", "train", "--model", "fcos_r18", "--epochs", "1", "--eval-every", "0"] + TINY
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "poison.py", "2", "classification", "loss", TRAIN] + args, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
+    errors = [l for l in (res.stdout + res.stderr).splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "classification is nan at epoch 0, iteration 2" in errors[0], res.stderr[-3000:]
+    assert sorted(re.findall(r"exitcode\s+: (-?\d+)", res.stderr)) == ["2", "2"], res.stderr[-3000:]
+    assert not (tmp_path / "runs" / "train_fcos_r18" / "checkpoint.pth").exists()
 
 
 def test_torchrun_user_error_is_one_line_from_rank_0_and_every_worker_exits_2(tmp_path):

@@ -209,8 +209,12 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
                                     f"{it + 1}; nothing was saved from this state: lower --lr, or check the data")
                 optimizer.zero_grad(set_to_none=True)
                 sum(losses.values()).backward()
-                if args.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.clip_grad) if args.clip_grad else
+                             torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                if not math.isfinite(grad_norm):  # (DDP averaged the gradients: every rank stops here too)
+                    raise UserError(f"--stage {args.stage}: the gradient of {first_nonfinite_grad(module)} is not "
+                                    f"finite at epoch {epoch}, iteration {it + 1} (losses finite); nothing was saved "
+                                    f"from this state: lower --lr or set --clip-grad, or check the data")
                 optimizer.step()
                 lr = optimizer.param_groups[0]["lr"]  # the lr this step used
                 scheduler.step()
@@ -236,6 +240,11 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
             if (stopping or (requested and not args.distributed)) and epoch < args.epochs - 1:
                 raise Interrupted(checkpoint, epoch, iters_per_epoch, iters_per_epoch)
     return metrics
+
+
+def first_nonfinite_grad(module):
+    return next((name for name, p in module.named_parameters()
+                 if p.grad is not None and not torch.isfinite(p.grad).all()), "a parameter")
 
 
 def data_layout(args, iters_per_epoch):
@@ -345,10 +354,11 @@ def load_checkpoint(path, args=None):
     return ckpt
 
 
-def save_model(args, path, model, name, num_classes, epoch, metrics, **extra):
+def save_model(args, path, model, name, dataset, epoch, metrics, **extra):
     """model.pth: the detector's weights with what eval.py and later stages read back (name, classes, flags)."""
-    atomic_save({"kind": MODEL_KIND, "model": model.state_dict(), "model_name": name, "num_classes": num_classes,
-                 "epoch": epoch, "metrics": metrics, "args": vars(args), **extra}, path)
+    atomic_save({"kind": MODEL_KIND, "model": model.state_dict(), "model_name": name,
+                 "num_classes": dataset.num_classes, "categories": data.categories_of(dataset), "epoch": epoch,
+                 "metrics": metrics, "args": vars(args), **extra}, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -364,6 +374,9 @@ def build_data(args, with_masks):
     train_ds = data.build_dataset(args, "train", with_masks=with_masks)
     val_ds = data.build_dataset(args, "val")
     log(args, f"train: {train_ds.summary()}\nval: {val_ds.summary()}")
+    note = data.check_splits(train_ds, val_ds)
+    if note:
+        log(args, note)
     loader = dict(workers=args.workers, rank=args.rank, world_size=args.world_size, seed=args.seed)
     return (train_ds, data.build_loader(train_ds, args.batch_size, train=True, **loader),
             data.build_loader(val_ds, args.batch_size, train=False, **loader))
@@ -451,7 +464,7 @@ def stage_train(args, device):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def save(epoch, metrics):
-        save_model(args, os.path.join(args.output_dir, "model.pth"), model, name, train_ds.num_classes, epoch, metrics)
+        save_model(args, os.path.join(args.output_dir, "model.pth"), model, name, train_ds, epoch, metrics)
 
     return fit(args, device, model, lambda im, tg: ddp_model(im, tg), params, sgd(params, args), train_loader,
                lambda: evaluate(model, val_loader, device), save, resume)
@@ -611,7 +624,7 @@ def stage_distill(args, device):
 
     def save(epoch, metrics):
         atomic_save(student.state_dict(), os.path.join(args.output_dir, "student.pth"))
-        save_model(args, os.path.join(args.output_dir, "model.pth"), student, student_name, train_ds.num_classes,
+        save_model(args, os.path.join(args.output_dir, "model.pth"), student, student_name, train_ds,
                    epoch, metrics, teacher=ake_file["teacher"], ake=ake_path, method=args.method)
 
     return fit(args, device, model, loss_fn, params, sgd(params, args), train_loader,
