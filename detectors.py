@@ -12,6 +12,7 @@ Two things live here:
 """
 import math
 import os
+from collections import OrderedDict
 from functools import partial
 from typing import NamedTuple, Optional
 
@@ -30,10 +31,17 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import misc as misc_nn_ops
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
 FAMILIES = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
-BACKBONES = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101", "x101": "resnext101_32x8d"}
+BACKBONES = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101", "x101": "resnext101_32x8d",
+             "convnext_t": "convnext_tiny", "convnext_s": "convnext_small", "convnext_b": "convnext_base",
+             "swin_t": "swin_t", "swin_s": "swin_s", "swin_b": "swin_b"}
+# ConvNeXt and Swin (the paper's Table 5): LayerNorm backbones, trained with AdamW (train.py picks it for them)
+STAGE_BACKBONES = ("convnext_tiny", "convnext_small", "convnext_base", "swin_t", "swin_s", "swin_b")
+# their `features` Sequential: stem / patch embedding, then stage 1 .. 4 at indices 1, 3, 5, 7 (strides 4 .. 32),
+# each but the first behind a downsampling layer
+STAGE_INDICES = {4: 1, 8: 3, 16: 5, 32: 7}
 # torchvision's v2 recipes: RetinaNet v2 (GroupNorm head, GIoU box loss, P6 from C5) for every backbone here; the
 # R-CNN v2s (R50 only) as torchvision builds them.
 V2_NAMES = tuple(f"retinanet_{backbone}_v2" for backbone in BACKBONES) + ("faster_rcnn_r50_v2", "mask_rcnn_r50_v2")
@@ -97,8 +105,14 @@ def canonical_name(name: str) -> str:
 
 
 def backbone_arch(name: str) -> str:
-    """'retinanet_r18_v2' -> 'resnet18': the torchvision name of the model's backbone."""
-    return BACKBONES[canonical_name(name).removesuffix("_v2").rsplit("_", 1)[-1]]
+    """'retinanet_r18_v2' -> 'resnet18', 'mask_rcnn_swin_t' -> 'swin_t': the torchvision name of the backbone."""
+    name = canonical_name(name).removesuffix("_v2")
+    return BACKBONES[name[len(family_of(name)) + 1:]]
+
+
+def uses_adamw(name: str) -> bool:
+    """ConvNeXt and Swin detectors train with AdamW in their papers' detection recipes."""
+    return backbone_arch(name) in STAGE_BACKBONES
 
 
 def family_of(name: str) -> str:
@@ -180,7 +194,11 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, ancho
     trainable = (3 if pretrained else 5) if trainable is None else trainable
     # Frozen BN only makes sense with pretrained statistics; from scratch, BN must learn them.
     norm_layer = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    if family in ("retinanet", "fcos"):
+    if arch in STAGE_BACKBONES:
+        strides = (8, 16, 32) if family in ("retinanet", "fcos") else (4, 8, 16, 32)
+        backbone = StageBackboneFPN(arch, backbone_weights, strides, one_stage_extra=family in ("retinanet", "fcos"),
+                                    p6_from_c5=v2)
+    elif family in ("retinanet", "fcos"):
         # C3-C5 -> P3-P5, P6/P7 from P5 (RetinaNet/FCOS papers skip P2: too many anchors); RetinaNet v2: from C5
         c5 = 512 if arch in ("resnet18", "resnet34") else 2048
         backbone = resnet_fpn_backbone(backbone_name=arch, weights=backbone_weights, norm_layer=norm_layer,
@@ -200,6 +218,67 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, ancho
         kwargs["head"] = head
     cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}[family]
     return cls(backbone, num_classes=num_classes, **kwargs)
+
+
+class StageFeatures(nn.Module):
+    """The stage outputs of a ConvNeXt or Swin `features` Sequential -> OrderedDict '0', '1', ... of [B, C, h, w]
+    maps, each through its own LayerNorm over channels, as the Swin and ConvNeXt detection backbones add (the
+    classifier's final norm sees only the last stage). Swin's stages are channels-last, ConvNeXt's channels-first."""
+
+    def __init__(self, stages: nn.Sequential, keep, channels, channels_last: bool):
+        super().__init__()
+        self.stages = stages[:max(keep) + 1]
+        self.keep, self.channels_last = tuple(keep), channels_last
+        self.norms = nn.ModuleList(nn.LayerNorm(c, eps=1e-6) for c in channels)
+
+    def forward(self, x):
+        out = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.keep:
+                k = len(out)
+                nhwc = x if self.channels_last else x.permute(0, 2, 3, 1)
+                out[str(k)] = self.norms[k](nhwc).permute(0, 3, 1, 2).contiguous()
+        return out
+
+
+class StageBackboneFPN(nn.Module):
+    """torchvision's ConvNeXt / Swin classification model (ImageNet weights optional), its stages at `strides`, and
+    torchvision's FeaturePyramidNetwork on top with the family's extra levels: P6/P7 for one-stage families (from P5,
+    or from C5 with p6_from_c5 as RetinaNet v2), P6 by max-pooling for the R-CNNs. The interface of torchvision's
+    BackboneWithFPN (body, fpn, out_channels). Swin pads each stage to whole windows itself, and size_divisible=64
+    makes every stage's map exactly H/stride x W/stride, so any input size works."""
+
+    def __init__(self, arch, weights, strides, one_stage_extra: bool, p6_from_c5=False, out_channels=256):
+        super().__init__()
+        classifier = torchvision.models.get_model(arch, weights=weights)
+        keep = [STAGE_INDICES[s] for s in strides]
+        channels_last = arch.startswith("swin")
+        channels = self._stage_channels(classifier.features, keep, channels_last)
+        if one_stage_extra:
+            extra = LastLevelP6P7(channels[-1] if p6_from_c5 else out_channels, out_channels)
+        else:
+            extra = LastLevelMaxPool()
+        self.body = StageFeatures(classifier.features, keep, channels, channels_last)
+        self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra)
+        self.out_channels = out_channels
+
+    @staticmethod
+    @torch.no_grad()
+    def _stage_channels(stages, keep, channels_last):
+        """The channel count of each kept stage, read off one small forward pass."""
+        x, channels = torch.zeros(1, 3, 64, 64), []
+        was_training = stages.training
+        stages.eval()
+        for i, stage in enumerate(stages[:max(keep) + 1]):
+            x = stage(x)
+            if i in keep:
+                channels.append(x.shape[-1] if channels_last else x.shape[1])
+        stages.train(was_training)
+        return channels
+
+    def forward(self, x):
+        return self.fpn(self.body(x))
 
 
 def _start_fcos_boxes_with_an_area(model):

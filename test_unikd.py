@@ -770,6 +770,95 @@ def test_small_image_settings_and_torchvision_defaults_at_800():
     assert build("faster_rcnn_r18", rpn_pre_nms_top_n_test=77).rpn._pre_nms_top_n["testing"] == 77
 
 
+STAGE_SUFFIXES = ("convnext_t", "convnext_s", "convnext_b", "swin_t", "swin_s", "swin_b")
+
+
+@pytest.mark.parametrize("family", ["retinanet", "mask_rcnn"])
+@pytest.mark.parametrize("suffix", STAGE_SUFFIXES)
+def test_convnext_and_swin_backbones_give_the_four_levels_and_the_plain_forward(suffix, family):
+    name = f"{family}_{suffix}"
+    model = build(name, box_score_thresh=0.2) if family == "mask_rcnn" else build(name, score_thresh=0.2)
+    assert detectors.backbone_arch(name) == detectors.BACKBONES[suffix] and detectors.fpn_channels(model) == 256
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)) for m in model.modules())
+    images, targets = images_and_targets(with_masks=family == "mask_rcnn")
+    model.eval()
+    with torch.no_grad():
+        plain = model(images)
+        hooked = detectors.forward_with_features(model, images)
+    assert all(torch.equal(p[k], h[k]) for p, h in zip(plain, hooked.result) for k in p)
+    assert hooked.padded_hw == (128, 192)
+    for stride, feature in zip((8, 16, 32, 64), hooked.features):
+        assert feature.shape == (2, 256, 128 // stride, 192 // stride)
+    # the levels come from the classifier's own stages: stage s of torchvision's model, normed, is the FPN's input
+    body = model.backbone.body
+    x = model.transform(images)[0].tensors
+    reference = torchvision.models.get_model(detectors.BACKBONES[suffix]).features  # same modules, run by hand
+    reference.load_state_dict(body.stages.state_dict())
+    reference.eval()
+    stages = {}
+    for i, stage in enumerate(reference):
+        x = stage(x)
+        stages[i] = x if suffix.startswith("swin") else x.permute(0, 2, 3, 1)
+    with torch.no_grad():
+        out = body(model.transform(images)[0].tensors)
+    first = 1 if family == "mask_rcnn" else 3  # R-CNNs also read stride 4
+    for k, index in enumerate(range(first, 8, 2)):
+        expected = torch.nn.functional.layer_norm(stages[index], stages[index].shape[-1:], body.norms[k].weight,
+                                                  body.norms[k].bias, eps=1e-6).permute(0, 3, 1, 2)
+        torch.testing.assert_close(out[str(k)], expected.detach())
+
+
+@pytest.mark.parametrize("suffix, enum", [("convnext_t", "ConvNeXt_Tiny_Weights"), ("convnext_s", "ConvNeXt_Small_Weights"),
+                                          ("convnext_b", "ConvNeXt_Base_Weights"), ("swin_t", "Swin_T_Weights"),
+                                          ("swin_s", "Swin_S_Weights"), ("swin_b", "Swin_B_Weights")])
+def test_convnext_and_swin_take_torchvisions_imagenet_weights(suffix, enum, monkeypatch):
+    expected = getattr(torchvision.models, enum).IMAGENET1K_V1
+    assert detectors._backbone_weights(f"fcos_{suffix}", "DEFAULT") is expected
+    assert detectors._backbone_weights(f"faster_rcnn_{suffix}", "IMAGENET1K_V1") is expected
+    if suffix not in ("convnext_t", "swin_t"):
+        return
+    torch.manual_seed(3)
+    imagenet = torchvision.models.get_model(detectors.BACKBONES[suffix]).state_dict()  # no download: a stand-in
+    monkeypatch.setattr(type(expected), "get_state_dict", lambda self, *a, **k: imagenet)
+    model = detectors.build_detector(f"fcos_{suffix}", 5, weights_backbone="DEFAULT", min_size=H, max_size=W)
+    loaded = model.backbone.body.stages.state_dict()
+    assert loaded and all(torch.equal(v, imagenet[f"features.{k}"]) for k, v in loaded.items())
+
+
+def assert_groups(model, optimizer, free, decayed):
+    decayed_group, free_group = optimizer.param_groups
+    params = dict(model.named_parameters())
+    assert all(any(params[n] is p for p in free_group["params"]) for n in free)
+    assert all(any(params[n] is p for p in decayed_group["params"]) for n in decayed)
+    assert len(decayed_group["params"]) + len(free_group["params"]) == len(params)
+
+
+def test_convnext_and_swin_detectors_train_with_adamw_without_decay_on_norms_and_biases():
+    import train
+    args = train.get_args_parser().parse_args(["--batch-size", "4", "--data-path", "/coco"])
+    args.world_size = 2
+    train.set_schedule_defaults(args, "retinanet", epochs=12, optimizer="adamw")
+    assert (args.optimizer, args.lr, args.weight_decay, args.lr_steps) == ("adamw", 1e-4 * 8 / 16, 0.05, [8, 11])
+    model = build("retinanet_swin_t")
+    optimizer = train.detector_optimizer(model, args)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed, free = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.05 and free["weight_decay"] == 0.0
+    stage = "backbone.body.stages.3.0."  # the first Swin block of stage 2
+    expected_free = [stage + "attn.relative_position_bias_table", stage + "norm1.weight", stage + "attn.qkv.bias",
+                     "backbone.body.norms.0.weight", "head.classification_head.conv.0.0.bias"]
+    expected_decayed = [stage + "attn.qkv.weight", stage + "mlp.0.weight", "backbone.fpn.inner_blocks.0.0.weight"]
+    assert_groups(model, optimizer, expected_free, expected_decayed)
+    model = build("fcos_convnext_t")
+    stage = "backbone.body.stages.3.0."  # the first ConvNeXt block of stage 2
+    assert_groups(model, train.detector_optimizer(model, args), [stage + "layer_scale", stage + "block.2.weight"],
+                  [stage + "block.0.weight", stage + "block.3.weight"])
+    args = train.get_args_parser().parse_args(["--batch-size", "8"])
+    args.world_size = 1
+    train.set_schedule_defaults(args, "fcos", epochs=12, optimizer="sgd")
+    assert args.optimizer == "sgd" and isinstance(train.detector_optimizer(build("fcos_r18"), args), torch.optim.SGD)
+
+
 def test_names_and_weights_errors():
     assert detectors.canonical_name("fcos") == "fcos_r50"
     assert detectors.canonical_name("retinanet_v2") == "retinanet_r50_v2"
@@ -2113,6 +2202,12 @@ def test_ake_evaluation_keeps_the_frozen_teacher_in_eval_mode():
     wrapper = ev.AKEDetector(teacher, unikd.UniKD(num_classes=2, num_queries=10))
     wrapper.train()  # what evaluate() does afterwards to a module that was in train mode
     assert wrapper.unikd.training and not any(m.training for m in teacher.modules())
+
+
+@pytest.mark.parametrize("teacher,student", [("retinanet_swin_t", "fcos_r18"), ("faster_rcnn_r50", "retinanet_convnext_t")])
+def test_unikd_distill_step_across_backbone_architectures(teacher, student):
+    losses = distill_step(teacher, student, "unikd")
+    assert losses["loss_kd_ct"] > 0 and losses["loss_kd_pos"] > 0
 
 
 def test_fitnet_distill_step():

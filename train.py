@@ -63,10 +63,11 @@ def get_args_parser():
                    help="default 12 (train, distill), 15 (pretrain); 0 saves and evaluates the initial weights")
     p.add_argument("-b", "--batch-size", default=8, type=int, help="images per GPU/process")
     p.add_argument("--lr", default=None, type=float,
-                   help="default: 0.01 one-stage / 0.02 two-stage at batch 16, scaled linearly; AdamW 2e-4 for pretrain")
+                   help="default: SGD 0.01 one-stage / 0.02 two-stage at batch 16, scaled linearly; AdamW 1e-4 for "
+                        "ConvNeXt/Swin detectors, 2e-4 for pretrain")
     p.add_argument("--momentum", default=0.9, type=float)
     p.add_argument("--wd", "--weight-decay", default=None, type=float, dest="weight_decay",
-                   help="default 1e-4 (SGD and AdamW)")
+                   help="default 1e-4; 0.05 for ConvNeXt/Swin detectors (AdamW)")
     p.add_argument("--lr-steps", default=None, nargs="+", type=int, help="epochs at which lr drops 10x")
     p.add_argument("--warmup-iters", default=None, type=int,
                    help="linear warm-up iterations; default 500 (the paper's 1x), 100 (the small-data recipe)")
@@ -404,22 +405,27 @@ def wrap_ddp(module, args, device):
 
 
 def set_schedule_defaults(args, family, epochs, optimizer="sgd"):
-    """The recipe where flags are not given (args.recipe, in args.json, says which):
+    """The recipe where flags are not given (args.recipe and args.optimizer, in args.json, say which).
+    optimizer: "sgd" (ResNet detectors), "adamw" (ConvNeXt/Swin detectors, as their detection papers train them)
+    or "pretrain" (the AKEs).
     "1x", the paper's for COCO-format data: SGD lr 0.01 one-stage / 0.02 two-stage at batch 16, scaled linearly with
-        the total batch, warm-up 500, x0.1 at 8 and 11 of 12 epochs; pretraining AdamW 2e-4, x0.1 at 2/3.
+        the total batch, weight decay 1e-4; AdamW lr 1e-4 at batch 16, scaled the same way, weight decay 0.05;
+        warm-up 500, x0.1 at 8 and 11 of 12 epochs. Pretraining: AdamW 2e-4, weight decay 1e-4, x0.1 at 2/3.
     "small", for generated data (the embedded default), where detectors train from scratch for a few thousand
-        iterations: twice the per-image SGD lr (0.01 one-stage / 0.02 two-stage at batch 8), warm-up 100, one x0.1
-        at 11/12 of the epochs (in the last, for runs of a few)."""
+        iterations: twice the per-image lr (SGD 0.01 one-stage / 0.02 two-stage, AdamW 1e-4, at batch 8), warm-up
+        100, one x0.1 at 11/12 of the epochs (in the last, for runs of a few)."""
     args.recipe = "small" if data.generated_params(args) is not None else "1x"
+    args.optimizer = "sgd" if optimizer == "sgd" else "adamw"
     small = args.recipe == "small"
     args.epochs = epochs if args.epochs is None else args.epochs
-    args.weight_decay = 1e-4 if args.weight_decay is None else args.weight_decay
+    if args.weight_decay is None:
+        args.weight_decay = 0.05 if optimizer == "adamw" else 1e-4
     args.warmup_iters = (100 if small else 500) if args.warmup_iters is None else args.warmup_iters
     if args.lr is None:
-        base = 0.02 if family in ("faster_rcnn", "mask_rcnn") else 0.01
-        args.lr = base * args.batch_size * args.world_size / (8 if small else 16) if optimizer == "sgd" else 2e-4
+        base = {"sgd": 0.02 if family in ("faster_rcnn", "mask_rcnn") else 0.01, "adamw": 1e-4}.get(optimizer)
+        args.lr = 2e-4 if base is None else base * args.batch_size * args.world_size / (8 if small else 16)
     if args.lr_steps is None:
-        if optimizer != "sgd":
+        if optimizer == "pretrain":
             args.lr_steps = [round(args.epochs * 2 / 3)]
         elif small:  # one decay, at 11/12 but within the run (a run of a few epochs decays in its last)
             args.lr_steps = [min(args.epochs - 1, round(args.epochs * 11 / 12))] if args.epochs > 1 else []
@@ -427,8 +433,18 @@ def set_schedule_defaults(args, family, epochs, optimizer="sgd"):
             args.lr_steps = [round(args.epochs * 8 / 12), round(args.epochs * 11 / 12)]
 
 
-def sgd(params, args):
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+def detector_optimizer(module, args):
+    """SGD with momentum, or (args.optimizer "adamw", ConvNeXt/Swin detectors) AdamW without weight decay on norms,
+    biases, layer scales and Swin's relative position bias tables, as Swin's and ConvNeXt's detection recipes."""
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD([p for _, p in params], lr=args.lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay)
+    free = [p.ndim <= 1 or n.endswith("layer_scale") or "relative_position_bias_table" in n for n, p in params]
+    decay = [p for (_, p), f in zip(params, free) if not f]
+    no_decay = [p for (_, p), f in zip(params, free) if f]
+    return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
+                             weight_decay=args.weight_decay)
 
 
 def build_scheduler(optimizer, args, iters_per_epoch):
@@ -452,7 +468,7 @@ def build_scheduler(optimizer, args, iters_per_epoch):
 def stage_train(args, device):
     name = canonical_model_name(args.model, "--model")
     family = detectors.family_of(name)
-    set_schedule_defaults(args, family, epochs=12)
+    set_schedule_defaults(args, family, epochs=12, optimizer="adamw" if detectors.uses_adamw(name) else "sgd")
     resume = prepare_run(args, f"train_{name}")
     train_ds, train_loader, val_loader = build_data(args, with_masks=family == "mask_rcnn")
     model = build_model(name, train_ds.num_classes, "--weights/--weights-backbone", weights=args.weights,
@@ -466,7 +482,8 @@ def stage_train(args, device):
     def save(epoch, metrics):
         save_model(args, os.path.join(args.output_dir, "model.pth"), model, name, train_ds, epoch, metrics)
 
-    return fit(args, device, model, lambda im, tg: ddp_model(im, tg), params, sgd(params, args), train_loader,
+    return fit(args, device, model, lambda im, tg: ddp_model(im, tg), params, detector_optimizer(model, args),
+               train_loader,
                lambda: evaluate(model, val_loader, device), save, resume)
 
 
@@ -488,7 +505,7 @@ def stage_pretrain(args, device):
     weights = args.teacher_weights or default_teacher_weights(name)
     if os.path.exists(weights):  # a path (not DEFAULT): absolute, so ake.pth works from any folder
         weights = os.path.abspath(weights)
-    set_schedule_defaults(args, detectors.family_of(name), epochs=15, optimizer="adamw")
+    set_schedule_defaults(args, detectors.family_of(name), epochs=15, optimizer="pretrain")
     args.clip_grad = 0.1 if args.clip_grad is None else args.clip_grad
     resume = prepare_run(args, f"pretrain_{name}")
     train_ds, train_loader, val_loader = build_data(args, with_masks=False)
@@ -565,7 +582,7 @@ class Distiller(torch.nn.Module):
 def stage_distill(args, device):
     student_name = canonical_model_name(args.student, "--student")
     family = detectors.family_of(student_name)
-    set_schedule_defaults(args, family, epochs=12)
+    set_schedule_defaults(args, family, epochs=12, optimizer="adamw" if detectors.uses_adamw(student_name) else "sgd")
     knowledge_store = None
     if args.offline:
         if args.method != "unikd":
@@ -619,7 +636,7 @@ def stage_distill(args, device):
 
     if args.kd_cost:
         import bench  # tooling: only this flag needs it
-        return bench.kd_cost(args, device, loss_fn, teacher, student, sgd(params, args), train_loader,
+        return bench.kd_cost(args, device, loss_fn, teacher, student, detector_optimizer(model, args), train_loader,
                              lambda: autocast(args, device), to_device, offline=knowledge_store is not None)
 
     def save(epoch, metrics):
@@ -627,7 +644,7 @@ def stage_distill(args, device):
         save_model(args, os.path.join(args.output_dir, "model.pth"), student, student_name, train_ds,
                    epoch, metrics, teacher=ake_file["teacher"], ake=ake_path, method=args.method)
 
-    return fit(args, device, model, loss_fn, params, sgd(params, args), train_loader,
+    return fit(args, device, model, loss_fn, params, detector_optimizer(model, args), train_loader,
                lambda: evaluate(student, val_loader, device), save, resume, generator)
 
 
