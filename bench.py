@@ -7,6 +7,9 @@ Tooling only: deform_attn_triton.py (the file to copy into another codebase) doe
     python bench.py --compile-check    builds both Triton kernels for sm_80 and sm_90 without a GPU: a table
                                        of configs, registers, spills (what a GPU run would launch)
 
+    python bench.py --detectors retinanet_r50,retinanet_swin_t   training img/s and parameters of detectors,
+                                       each against the first in the same run
+
     python bench.py --bench --sizes decoder --device cpu --runs 10 --threads 1
     python bench.py --compile-check --archs 90 --dtypes fp32,bf16 --sizes decoder
 """
@@ -54,6 +57,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.bench:
         _bench(max(args.runs, 10), sizes, args.device)
+    if args.detectors:
+        detector_speed(args.detectors.split(","), args.runs, args.batch_size, args.image_hw)
     return 1 if failed else 0
 
 
@@ -72,9 +77,14 @@ def _parse_args(argv):
                              "and bench size; prints a table, exit code 1 if any build fails")
     parser.add_argument("--archs", default="80,90", help="--compile-check targets (compute capabilities)")
     parser.add_argument("--dtypes", default="fp32,fp16,bf16", help="--compile-check dtypes")
+    parser.add_argument("--detectors", default="", help="comma-separated detector names: training step img/s "
+                        "(forward, backward, SGD step; medians of --runs) and parameter counts, each against the first")
+    parser.add_argument("--batch-size", type=int, default=8, help="--detectors: images per step")
+    parser.add_argument("--image-hw", type=int, nargs=2, default=[128, 192], help="--detectors: image size H W "
+                        "(default: the embedded data's)")
     args = parser.parse_args(argv)
-    if not (args.bench or args.compile_check):
-        parser.error("nothing to do: pass --bench and/or --compile-check")
+    if not (args.bench or args.compile_check or args.detectors):
+        parser.error("nothing to do: pass --bench, --compile-check and/or --detectors")
     return args
 
 
@@ -363,6 +373,35 @@ def _print_compile_table(rows):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # distillation step cost (train.py --stage distill --kd-cost STEPS)
+
+def detector_speed(names, runs, batch_size, image_hw, num_classes=9):
+    """Prints, per detector: parameters (M) and the median training step on CPU (random images of image_hw with two
+    boxes each, at the image size as min/max size), as img/s and as a ratio to the first detector's."""
+    g = torch.Generator().manual_seed(0)
+    h, w = image_hw
+    images = [torch.rand(3, h, w, generator=g) for _ in range(batch_size)]
+    targets = [{"boxes": torch.tensor([[0.1 * w, 0.1 * h, 0.4 * w, 0.5 * h], [0.5 * w, 0.3 * h, 0.9 * w, 0.9 * h]]),
+                "labels": torch.tensor([1, 2]), "masks": torch.zeros(2, h, w, dtype=torch.uint8)} for _ in images]
+    for t in targets:
+        for mask, (x1, y1, x2, y2) in zip(t["masks"], t["boxes"].int().tolist()):
+            mask[y1:y2, x1:x2] = 1
+    print(f"training step, batch {batch_size} of {h}x{w}, {torch.get_num_threads()} threads, median of {runs}")
+    print(f"| detector | parameters (M) | ms / step | img/s | x first |\n| --- | ---: | ---: | ---: | ---: |")
+    first = None
+    for name in names:
+        torch.manual_seed(0)
+        model = detectors.build_detector(name, num_classes, min_size=min(h, w), max_size=max(h, w)).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            sum(model(images, targets).values()).backward()
+            optimizer.step()
+        ms = _median_ms(step, torch.device("cpu"), runs)
+        first = first or ms
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"| {name} | {params:.1f} | {ms:.0f} | {batch_size * 1e3 / ms:.2f} | {first / ms:.2f} |", flush=True)
+
 
 def kd_cost(args, device, kd_loss_fn, teacher, student, optimizer, train_loader, step_context, to_device,
             offline=False):

@@ -8,11 +8,14 @@ resumable mid-way.
   can start at any batch, so a run interrupted mid-epoch resumes with the same data.
 """
 import argparse
+import atexit
 import contextlib
 import io
 import json
 import logging
 import math
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit handler before kill_workers_left_at_exit's
 import os
 import signal
 
@@ -393,9 +396,22 @@ def leave_stop_signals_to_main(worker_id):
     """Ctrl-C (SIGINT) reaches every process of the terminal's group, and schedulers (Slurm, kill -- -pgid) send
     SIGTERM to all of a job's processes: workers ignore both, so that the main process can finish its iteration
     and checkpoint (a worker that died of one would fail the batch in flight). Workers still end: the loader's
-    shutdown asks them to, and a worker whose main process is gone exits on its own."""
+    shutdown asks them to, kill_workers_left_at_exit kills any left when the main process exits, and a worker
+    whose main process is gone exits on its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def kill_workers_left_at_exit():
+    """multiprocessing's own exit handler terminates (SIGTERM) its children and then waits for them: a loader worker,
+    which ignores SIGTERM, would keep the process from ever exiting (e.g. after a user error raised mid-epoch).
+    Registered after it, this handler runs first (atexit is last in, first out) and kills them."""
+    for process in multiprocessing.active_children():
+        process.kill()
+        process.join()
+
+
+atexit.register(kill_workers_left_at_exit)
 
 
 class EpochSampler(torch.utils.data.Sampler):
