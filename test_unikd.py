@@ -789,6 +789,8 @@ def test_convnext_and_swin_backbones_give_the_four_levels_and_the_plain_forward(
     assert hooked.padded_hw == (128, 192)
     for stride, feature in zip((8, 16, 32, 64), hooked.features):
         assert feature.shape == (2, 256, 128 // stride, 192 // stride)
+    if not suffix.endswith("_t"):  # the larger variants run the same code
+        return
     # the levels come from the classifier's own stages: stage s of torchvision's model, normed, is the FPN's input
     body = model.backbone.body
     x = model.transform(images)[0].tensors
