@@ -2,8 +2,9 @@
 
 Two things live here:
 
-* `build_detector(name, num_classes, ...)`: RetinaNet, FCOS, Faster R-CNN and Mask R-CNN on ResNet-18/34/50/101
-  and ResNeXt-101 32x8d FPN backbones, built with torchvision's own classes and builders. Size-dependent
+* `build_detector(name, num_classes, ...)`: RetinaNet, FCOS, ATSS (atss.py, on torchvision's FCOS), Faster R-CNN
+  and Mask R-CNN on ResNet-18/34/50/101, ResNeXt-101 32x8d, ConvNeXt-T/S/B and Swin-T/S/B FPN backbones, built
+  with torchvision's own classes and builders. Size-dependent
   hyper-parameters (anchor sizes, FCOS scale ranges, RPN proposal counts, ROI samples) are scaled for small
   inputs, and every family gets the same image transform, so a teacher and a student see the same tensor.
 * `forward_with_features(model, images, targets)`: runs torchvision's forward unchanged and, through forward
@@ -33,7 +34,10 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
-FAMILIES = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
+from atss import ANCHOR_OCTAVE_SCALE, ATSS
+
+FAMILIES = ("retinanet", "fcos", "atss", "faster_rcnn", "mask_rcnn")
+ONE_STAGE = ("retinanet", "fcos", "atss")  # P3-P7 from C3-C5; the R-CNNs read P2-P6
 BACKBONES = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101", "x101": "resnext101_32x8d",
              "convnext_t": "convnext_tiny", "convnext_s": "convnext_small", "convnext_b": "convnext_base",
              "swin_t": "swin_t", "swin_s": "swin_s", "swin_b": "swin_b"}
@@ -188,17 +192,17 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, ancho
     """Same recipe as torchvision's *_resnet50_fpn builders (RetinaNet: *_v2 with v2), for the other ResNets;
     the heads are sized for anchor_generator's anchors per location."""
     kwargs = dict(kwargs)
-    kwargs["anchor_generator" if family in ("retinanet", "fcos") else "rpn_anchor_generator"] = anchor_generator
+    kwargs["anchor_generator" if family in ONE_STAGE else "rpn_anchor_generator"] = anchor_generator
     pretrained = backbone_weights is not None
     trainable = kwargs.pop("trainable_backbone_layers", None)
     trainable = (3 if pretrained else 5) if trainable is None else trainable
     # Frozen BN only makes sense with pretrained statistics; from scratch, BN must learn them.
     norm_layer = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     if arch in STAGE_BACKBONES:
-        strides = (8, 16, 32) if family in ("retinanet", "fcos") else (4, 8, 16, 32)
-        backbone = StageBackboneFPN(arch, backbone_weights, strides, one_stage_extra=family in ("retinanet", "fcos"),
+        strides = (8, 16, 32) if family in ONE_STAGE else (4, 8, 16, 32)
+        backbone = StageBackboneFPN(arch, backbone_weights, strides, one_stage_extra=family in ONE_STAGE,
                                     p6_from_c5=v2)
-    elif family in ("retinanet", "fcos"):
+    elif family in ONE_STAGE:
         # C3-C5 -> P3-P5, P6/P7 from P5 (RetinaNet/FCOS papers skip P2: too many anchors); RetinaNet v2: from C5
         c5 = 512 if arch in ("resnet18", "resnet34") else 2048
         backbone = resnet_fpn_backbone(backbone_name=arch, weights=backbone_weights, norm_layer=norm_layer,
@@ -216,7 +220,7 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, ancho
                              norm_layer=partial(nn.GroupNorm, 32))
         head.regression_head._loss_type = "giou"
         kwargs["head"] = head
-    cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}[family]
+    cls = {"retinanet": RetinaNet, "fcos": FCOS, "atss": ATSS, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}[family]
     return cls(backbone, num_classes=num_classes, **kwargs)
 
 
@@ -310,7 +314,7 @@ def _small_image_kwargs(family, scale, proposals):
 def _swap_anchor_generator(model, family, name, anchor_generator):
     """Put anchor_generator in place of the one torchvision's builder made (the _v2 builders take none). The
     builder's head is sized for its own anchor count per location: another count -> ValueError."""
-    one_stage = family in ("retinanet", "fcos")
+    one_stage = family in ONE_STAGE
     expected = model.head.classification_head.num_anchors if one_stage else model.rpn.head.cls_logits.out_channels
     given = anchor_generator.num_anchors_per_location()[0]
     if given != expected:
@@ -328,6 +332,10 @@ def _scaled_anchor_generator(family, scale):
         # one anchor point per location; its 'size' is the level's stride at scale 1
         sizes = tuple((8 * 2 ** i * scale,) for i in range(5))
         return AnchorGenerator(sizes, ((1.0,),) * 5)
+    if family == "atss":
+        # one square anchor per location, 8 x the level's stride at scale 1
+        sizes = tuple((ANCHOR_OCTAVE_SCALE * 8 * 2 ** i * scale,) for i in range(5))
+        return AnchorGenerator(sizes, ((1.0,),) * 5)
     if family == "retinanet":
         # 3 octave scales 2^{0, 1/3, 2/3} of 32..512 on P3..P7, rounded as torchvision rounds them
         sizes = tuple(tuple(int(base * 2 ** (k / 3)) * scale for k in range(3)) for base in (32, 64, 128, 256, 512))
@@ -339,7 +347,7 @@ def _scaled_anchor_generator(family, scale):
 
 def _replace_class_layers(model, family, num_classes):
     """Swap the layers whose shape depends on the class count for fresh ones (fine-tuning COCO weights)."""
-    if family in ("retinanet", "fcos"):
+    if family in ONE_STAGE:
         head = model.head.classification_head
         old = head.cls_logits
         new = nn.Conv2d(old.in_channels, head.num_anchors * num_classes, kernel_size=3, padding=1)

@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from pycocotools import mask as mask_utils
 import torch.nn.functional as F
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
+import atss
 import bench
 import deform_attn_triton as msda
 from deform_attn_triton import MSDeformAttn, flatten_levels, ms_deform_attn
@@ -565,7 +567,7 @@ def test_triton_launcher_uses_launch_config(monkeypatch):
 # ====================================================================================================================
 
 H, W = 128, 192  # both multiples of 64, as the embedded data
-FAMILIES = ["retinanet", "fcos", "faster_rcnn", "mask_rcnn"]
+FAMILIES = ["retinanet", "fcos", "atss", "faster_rcnn", "mask_rcnn"]
 
 
 def build(name, num_classes=5, **kwargs):
@@ -603,7 +605,7 @@ def test_builds_and_hook_returns_four_levels_at_strides_8_to_64(family, backbone
     assert model.unikd_name == f"{family}_{backbone}" and detectors.fpn_channels(model) == 256
     images, targets = images_and_targets(with_masks=family == "mask_rcnn")
     out = detectors.forward_with_features(model.train(), images, targets)
-    loss_names = {"classification", "bbox_regression"} if family in ("retinanet", "fcos") \
+    loss_names = {"classification", "bbox_regression"} if family in detectors.ONE_STAGE \
         else {"loss_objectness", "loss_classifier", "loss_box_reg"}
     assert set(out.result) >= loss_names
     # both images resize to a longer side of 192 at most, shorter 128 at most -> padded to 128 x 192
@@ -753,6 +755,83 @@ def test_fcos_from_scratch_starts_with_boxes_that_have_an_area_and_a_gradient(ba
     dead.head.regression_head.bbox_reg.register_forward_hook(lambda m, i, o: relu_out.append((o > 0).float().mean()))
     loss0, _ = regression_loss_and_grad(dead)
     assert loss0 > loss and float(torch.stack(relu_out).mean()) < 0.5
+
+def atss_rule_by_loops(anchors, gts, counts, topk=9):
+    """ATSS's Alg. 1 written out with Python loops and floats (independent of atss.py's tensor code)."""
+    def iou(a, b):
+        w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+        inter = max(w, 0) * max(h, 0)
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    def centre(box):
+        return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    positives = []
+    for gt in gts:
+        gx, gy = centre(gt)
+        candidates, start = [], 0
+        for n in counts:
+            by_distance = sorted(range(start, start + n),
+                                 key=lambda i: math.hypot(centre(anchors[i])[0] - gx, centre(anchors[i])[1] - gy))
+            candidates += by_distance[:min(topk, n)]
+            start += n
+        ious = [iou(anchors[i], gt) for i in candidates]
+        threshold = statistics.mean(ious) + statistics.stdev(ious)
+        positives.append({i for i, v in zip(candidates, ious) if v >= threshold and
+                          min(centre(anchors[i])[0] - gt[0], centre(anchors[i])[1] - gt[1],
+                              gt[2] - centre(anchors[i])[0], gt[3] - centre(anchors[i])[1]) > 0.01})
+    matched = []
+    for i, anchor in enumerate(anchors):
+        owners = [j for j, pos in enumerate(positives) if i in pos]
+        matched.append(max(owners, key=lambda j: iou(anchor, gts[j])) if owners else -1)
+    return matched, positives
+
+
+def test_atss_assignment_equals_the_rule_written_as_loops():
+    g = torch.Generator().manual_seed(5)
+    anchors, counts = [], []
+    for stride in (8, 16, 32, 64, 128):  # one square anchor of 4 strides per location of a 128 x 192 image
+        ys, xs = torch.meshgrid(torch.arange(0, 128, stride) + stride / 2, torch.arange(0, 192, stride) + stride / 2,
+                                indexing="ij")
+        centres = torch.stack([xs.flatten(), ys.flatten()], 1).double()
+        anchors.append(torch.cat([centres - 2 * stride, centres + 2 * stride], 1))
+        counts.append(len(centres))
+    anchors = torch.cat(anchors)
+    xy = torch.rand(6, 2, generator=g, dtype=torch.float64) * torch.tensor([150.0, 90.0])
+    wh = 12 + torch.rand(6, 2, generator=g, dtype=torch.float64) * 50
+    gts = torch.cat([xy, xy + wh], 1)
+    gts = torch.cat([gts, gts[:1] + torch.tensor([3.0, 2.0, 5.0, 1.0], dtype=torch.float64),  # overlaps GT 0
+                     torch.tensor([[25.0, 25.0, 27.5, 27.5]], dtype=torch.float64)])  # no anchor centre inside it
+    expected, positives = atss_rule_by_loops(anchors.tolist(), gts.tolist(), counts)
+    assert atss.atss_assign(anchors, gts, counts).tolist() == expected
+    assert positives[-1] == set() and all(positives[:-1])  # the tiny GT gets no anchor, every other one some
+    assert positives[0] & positives[6]  # the overlapping pair competes for anchors: the larger IoU wins each
+    assert atss.atss_assign(anchors, gts[:0], counts).tolist() == [-1] * len(anchors)
+
+
+def test_atss_overfits_one_image_from_scratch():
+    torch.manual_seed(0)
+    model = detectors.build_detector("atss_r18", 4, min_size=64, max_size=64, score_thresh=0.3)
+    image = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))]
+    target = [{"boxes": torch.tensor([[4.0, 6.0, 36.0, 40.0], [34.0, 20.0, 60.0, 58.0]]), "labels": torch.tensor([1, 3])}]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0)
+    first = None
+    for _ in range(150):
+        losses = model.train()(image, target)
+        first = first or {k: v.item() for k, v in losses.items()}
+        if losses["classification"] < first["classification"] / 10 and \
+                losses["bbox_regression"] < first["bbox_regression"] / 10:
+            break  # (centerness BCE has soft targets: its floor is their entropy, not 0)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    assert losses["classification"] < first["classification"] / 10, (first, losses)
+    assert losses["bbox_regression"] < first["bbox_regression"] / 10, (first, losses)
+    with torch.no_grad():
+        found = model.eval()(image)[0]
+    ious = box_iou(target[0]["boxes"], found["boxes"])
+    assert (ious.max(1).values >= 0.5).all()
+    assert found["labels"][ious.argmax(1)].tolist() == [1, 3]
+
 
 def test_small_image_settings_and_torchvision_defaults_at_800():
     small, large = build("faster_rcnn_r18"), detectors.build_detector("faster_rcnn_r18", 5)
@@ -2208,6 +2287,12 @@ def test_ake_evaluation_keeps_the_frozen_teacher_in_eval_mode():
 
 @pytest.mark.parametrize("teacher,student", [("retinanet_swin_t", "fcos_r18"), ("faster_rcnn_r50", "retinanet_convnext_t")])
 def test_unikd_distill_step_across_backbone_architectures(teacher, student):
+    losses = distill_step(teacher, student, "unikd")
+    assert losses["loss_kd_ct"] > 0 and losses["loss_kd_pos"] > 0
+
+
+@pytest.mark.parametrize("teacher,student", [("atss_r50", "retinanet_r18"), ("fcos_r50", "atss_r18")])
+def test_unikd_distill_step_to_and_from_atss(teacher, student):
     losses = distill_step(teacher, student, "unikd")
     assert losses["loss_kd_ct"] > 0 and losses["loss_kd_pos"] > 0
 
