@@ -2,8 +2,8 @@
 
 Two things live here:
 
-* `build_detector(name, num_classes, ...)`: RetinaNet, FCOS, ATSS (atss.py, on torchvision's FCOS), Faster R-CNN
-  and Mask R-CNN on ResNet-18/34/50/101, ResNeXt-101 32x8d, ConvNeXt-T/S/B and Swin-T/S/B FPN backbones, built
+* `build_detector(name, num_classes, ...)`: RetinaNet, FCOS, ATSS (atss.py, on torchvision's FCOS), RepPoints
+  (reppoints.py, on torchvision's RetinaNet), Faster R-CNN and Mask R-CNN on ResNet-18/34/50/101, ResNeXt-101 32x8d, ConvNeXt-T/S/B and Swin-T/S/B FPN backbones, built
   with torchvision's own classes and builders. Size-dependent
   hyper-parameters (anchor sizes, FCOS scale ranges, RPN proposal counts, ROI samples) are scaled for small
   inputs, and every family gets the same image transform, so a teacher and a student see the same tensor.
@@ -35,9 +35,10 @@ from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
 from atss import ANCHOR_OCTAVE_SCALE, ATSS
+from reppoints import RepPoints
 
-FAMILIES = ("retinanet", "fcos", "atss", "faster_rcnn", "mask_rcnn")
-ONE_STAGE = ("retinanet", "fcos", "atss")  # P3-P7 from C3-C5; the R-CNNs read P2-P6
+FAMILIES = ("retinanet", "fcos", "atss", "reppoints", "faster_rcnn", "mask_rcnn")
+ONE_STAGE = ("retinanet", "fcos", "atss", "reppoints")  # P3-P7 from C3-C5; the R-CNNs read P2-P6
 BACKBONES = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101", "x101": "resnext101_32x8d",
              "convnext_t": "convnext_tiny", "convnext_s": "convnext_small", "convnext_b": "convnext_base",
              "swin_t": "swin_t", "swin_s": "swin_s", "swin_b": "swin_b"}
@@ -220,7 +221,8 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, ancho
                              norm_layer=partial(nn.GroupNorm, 32))
         head.regression_head._loss_type = "giou"
         kwargs["head"] = head
-    cls = {"retinanet": RetinaNet, "fcos": FCOS, "atss": ATSS, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}[family]
+    cls = {"retinanet": RetinaNet, "fcos": FCOS, "atss": ATSS, "reppoints": RepPoints, "faster_rcnn": FasterRCNN,
+           "mask_rcnn": MaskRCNN}[family]
     return cls(backbone, num_classes=num_classes, **kwargs)
 
 
@@ -301,6 +303,8 @@ def _small_image_kwargs(family, scale, proposals):
         # (radius x anchor size) from the anchor sizes. The anchors are scaled to move objects to finer levels;
         # the radius is divided by the same factor so that it stays 1.5 strides in pixels.
         return {"center_sampling_radius": 1.5 / scale}
+    if family == "reppoints":
+        return {"anchor_scale": scale}  # the point assigner's level choice follows the other families' anchors
     if family in ("faster_rcnn", "mask_rcnn"):
         # Fewer proposals and sampled ROIs: a 128 px image has ~6k anchors and <= 10 objects, and the ROI
         # head's cost is linear in the sampled ROIs (torchvision's 2000/512 make Faster R-CNN ~1 img/s on CPU).
@@ -332,6 +336,9 @@ def _scaled_anchor_generator(family, scale):
         # one anchor point per location; its 'size' is the level's stride at scale 1
         sizes = tuple((8 * 2 ** i * scale,) for i in range(5))
         return AnchorGenerator(sizes, ((1.0,),) * 5)
+    if family == "reppoints":
+        # a location's stride-sized box: its centre and stride (the point assigner takes the scale instead)
+        return AnchorGenerator(tuple((8 * 2 ** i,) for i in range(5)), ((1.0,),) * 5)
     if family == "atss":
         # one square anchor per location, 8 x the level's stride at scale 1
         sizes = tuple((ANCHOR_OCTAVE_SCALE * 8 * 2 ** i * scale,) for i in range(5))

@@ -36,6 +36,7 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_f
 
 import atss
 import bench
+import reppoints
 import deform_attn_triton as msda
 from deform_attn_triton import MSDeformAttn, flatten_levels, ms_deform_attn
 import detectors
@@ -567,7 +568,7 @@ def test_triton_launcher_uses_launch_config(monkeypatch):
 # ====================================================================================================================
 
 H, W = 128, 192  # both multiples of 64, as the embedded data
-FAMILIES = ["retinanet", "fcos", "atss", "faster_rcnn", "mask_rcnn"]
+FAMILIES = ["retinanet", "fcos", "atss", "reppoints", "faster_rcnn", "mask_rcnn"]
 
 
 def build(name, num_classes=5, **kwargs):
@@ -605,8 +606,9 @@ def test_builds_and_hook_returns_four_levels_at_strides_8_to_64(family, backbone
     assert model.unikd_name == f"{family}_{backbone}" and detectors.fpn_channels(model) == 256
     images, targets = images_and_targets(with_masks=family == "mask_rcnn")
     out = detectors.forward_with_features(model.train(), images, targets)
-    loss_names = {"classification", "bbox_regression"} if family in detectors.ONE_STAGE \
-        else {"loss_objectness", "loss_classifier", "loss_box_reg"}
+    loss_names = {"reppoints": {"classification", "bbox_init", "bbox_refine"}}.get(family) or \
+        ({"classification", "bbox_regression"} if family in detectors.ONE_STAGE
+         else {"loss_objectness", "loss_classifier", "loss_box_reg"})
     assert set(out.result) >= loss_names
     # both images resize to a longer side of 192 at most, shorter 128 at most -> padded to 128 x 192
     sizes = [(round(h * expected_resize(h, w)), round(w * expected_resize(h, w))) for h, w in [(100, 150), (128, 160)]]
@@ -826,6 +828,55 @@ def test_atss_overfits_one_image_from_scratch():
         optimizer.step()
     assert losses["classification"] < first["classification"] / 10, (first, losses)
     assert losses["bbox_regression"] < first["bbox_regression"] / 10, (first, losses)
+    with torch.no_grad():
+        found = model.eval()(image)[0]
+    ious = box_iou(target[0]["boxes"], found["boxes"])
+    assert (ious.max(1).values >= 0.5).all()
+    assert found["labels"][ious.argmax(1)].tolist() == [1, 3]
+
+
+def test_reppoints_pseudo_box_is_the_min_max_of_its_points():
+    points = torch.tensor([[[1.0, 2.0, -3.0, 0.5, 4.0, -1.0] + [0.0, 0.0] * 6]])     # (y, x): (1, 2), (-3, .5), (4, -1), 0s
+    assert reppoints.points_to_boxes(points).tolist() == [[[-1.0, -3.0, 2.0, 4.0]]]  # x1, y1, x2, y2
+    anchors = torch.tensor([[8.0, 16.0, 24.0, 32.0]])                                 # centre (16, 24), stride 16
+    decoded = reppoints.PointBoxCoder().decode_single(torch.tensor([[-1.0, -3.0, 2.0, 4.0]]), anchors)
+    assert decoded.tolist() == [[16 - 16, 24 - 48, 16 + 32, 24 + 64]]
+
+
+def test_reppoints_deformable_taps_read_the_feature_at_their_points():
+    """With offset = points - the kernel grid, tap k of deform_conv2d samples the feature at location + point k."""
+    H, W = 7, 9
+    feature = torch.arange(H * W, dtype=torch.float32).view(1, 1, H, W)   # the value says where it was read
+    g = torch.Generator().manual_seed(0)
+    points = torch.randint(-2, 3, (1, 2 * reppoints.NUM_POINTS, H, W), generator=g).float()  # whole pixels
+    offset = points - reppoints.kernel_grid(3).view(1, -1, 1, 1)
+    for k in range(reppoints.NUM_POINTS):
+        weight = torch.zeros(1, 1, 3, 3)
+        weight.view(-1)[k] = 1.0  # only tap k
+        out = torchvision.ops.deform_conv2d(feature, offset, weight, padding=1)[0, 0]
+        for i in range(H):
+            for j in range(W):
+                y, x = i + int(points[0, 2 * k, i, j]), j + int(points[0, 2 * k + 1, i, j])
+                expected = feature[0, 0, y, x] if 0 <= y < H and 0 <= x < W else 0.0  # zeros outside
+                assert out[i, j] == expected, (k, i, j)
+
+
+def test_reppoints_overfits_one_image_from_scratch():
+    torch.manual_seed(0)
+    model = detectors.build_detector("reppoints_r18", 4, min_size=64, max_size=64, score_thresh=0.3)
+    image = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))]
+    target = [{"boxes": torch.tensor([[4.0, 6.0, 36.0, 40.0], [34.0, 20.0, 60.0, 58.0]]), "labels": torch.tensor([1, 3])}]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0)
+    first = None
+    for _ in range(150):
+        losses = model.train()(image, target)
+        first = first or {k: v.item() for k, v in losses.items()}
+        if all(losses[k] < first[k] / 10 for k in first):
+            break
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    assert all(losses[k] < first[k] / 10 for k in first), (first, losses)
     with torch.no_grad():
         found = model.eval()(image)[0]
     ious = box_iou(target[0]["boxes"], found["boxes"])
@@ -2291,8 +2342,9 @@ def test_unikd_distill_step_across_backbone_architectures(teacher, student):
     assert losses["loss_kd_ct"] > 0 and losses["loss_kd_pos"] > 0
 
 
-@pytest.mark.parametrize("teacher,student", [("atss_r50", "retinanet_r18"), ("fcos_r50", "atss_r18")])
-def test_unikd_distill_step_to_and_from_atss(teacher, student):
+@pytest.mark.parametrize("teacher,student", [("atss_r50", "reppoints_r18"), ("reppoints_r50", "retinanet_r18"),
+                                             ("fcos_r50", "atss_r18")])
+def test_unikd_distill_step_to_and_from_atss_and_reppoints(teacher, student):
     losses = distill_step(teacher, student, "unikd")
     assert losses["loss_kd_ct"] > 0 and losses["loss_kd_pos"] > 0
 
