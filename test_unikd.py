@@ -2169,7 +2169,10 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
     errors = [l for l in (res.stdout + res.stderr).splitlines() if l.startswith("error: ")]
     assert len(errors) == 1 and "classification is nan at epoch 0, iteration 2" in errors[0], res.stderr[-3000:]
-    assert sorted(re.findall(r"exitcode\s+: (-?\d+)", res.stderr)) == ["2", "2"], res.stderr[-3000:]
+    # both ranks stop at that iteration and exit 2; a rank still exiting when torchrun's agent sees the other one's
+    # exit is terminated by the agent (SIGTERM, -15) -- which of the two depends on timing
+    codes = re.findall(r"exitcode\s+: (-?\d+)", res.stderr)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, res.stderr[-3000:]
     assert not (tmp_path / "runs" / "train_fcos_r18" / "checkpoint.pth").exists()
 
 
