@@ -59,14 +59,11 @@ def atss_assign(anchors, gt_boxes, num_anchors_per_level, topk=TOPK_PER_LEVEL):
 
 
 class DeltaCoder:
-    """RetinaNet's box deltas (torchvision's BoxCoder) behind the call signature of BoxLinearCoder, which FCOS's
-    loss and inference use: encode/decode of [..., 4] tensors against anchors of the same shape."""
+    """RetinaNet's box deltas (torchvision's BoxCoder) behind the decode signature of BoxLinearCoder, which FCOS's
+    inference calls: [..., 4] deltas against anchors of the same shape."""
 
     def __init__(self, weights=DELTA_WEIGHTS):
         self.coder = det_utils.BoxCoder(weights)
-
-    def encode(self, anchors, boxes):
-        return self.coder.encode_single(boxes.reshape(-1, 4), anchors.reshape(-1, 4)).reshape(boxes.shape)
 
     def decode(self, deltas, anchors):
         return self.coder.decode_single(deltas.reshape(-1, 4), anchors.reshape(-1, 4)).reshape(anchors.shape)
