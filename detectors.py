@@ -35,9 +35,10 @@ from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
 from atss import ANCHOR_OCTAVE_SCALE, ATSS
+from deformable_detr import DeformableDETR, DeformableEncoder, set_targets
 from reppoints import RepPoints
 
-FAMILIES = ("retinanet", "fcos", "atss", "reppoints", "faster_rcnn", "mask_rcnn")
+FAMILIES = ("retinanet", "fcos", "atss", "reppoints", "faster_rcnn", "mask_rcnn", "deformable_detr")
 ONE_STAGE = ("retinanet", "fcos", "atss", "reppoints")  # P3-P7 from C3-C5; the R-CNNs read P2-P6
 BACKBONES = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101", "x101": "resnext101_32x8d",
              "convnext_t": "convnext_tiny", "convnext_s": "convnext_small", "convnext_b": "convnext_base",
@@ -115,9 +116,12 @@ def backbone_arch(name: str) -> str:
     return BACKBONES[name[len(family_of(name)) + 1:]]
 
 
-def uses_adamw(name: str) -> bool:
-    """ConvNeXt and Swin detectors train with AdamW in their papers' detection recipes."""
-    return backbone_arch(name) in STAGE_BACKBONES
+def optimizer_of(name: str) -> str:
+    """The optimizer of the detector's own recipe: "detr" (Deformable DETR's AdamW with its per-part lrs), "adamw"
+    (ConvNeXt and Swin detectors, as their papers train them) or "sgd"."""
+    if family_of(name) == "deformable_detr":
+        return "detr"
+    return "adamw" if backbone_arch(name) in STAGE_BACKBONES else "sgd"
 
 
 def family_of(name: str) -> str:
@@ -164,6 +168,12 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
     backbone_weights = None if weights is not None else _backbone_weights(name, weights_backbone)
 
     kwargs = {**TRANSFORM_DEFAULTS, **kwargs}
+    if family == "deformable_detr":
+        model = _build_deformable_detr(backbone_arch(name), num_classes, backbone_weights, kwargs)
+        if checkpoint is not None:
+            load_checkpoint(model, checkpoint)
+        model.unikd_name = name
+        return model
     scale = anchor_scale(kwargs["min_size"])
     anchor_generator = kwargs.pop("anchor_generator", None)  # RetinaNet/FCOS name
     anchor_generator = kwargs.pop("rpn_anchor_generator", None) or anchor_generator  # R-CNN name
@@ -226,6 +236,33 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, ancho
     return cls(backbone, num_classes=num_classes, **kwargs)
 
 
+DETR_KWARGS = ("num_encoder_layers", "dim_ffn", "dropout", "n_points")  # the encoder's; the rest go to DeformableDETR
+
+
+def _build_deformable_detr(arch, num_classes, backbone_weights, kwargs):
+    """Deformable DETR on C3-C5 of a torchvision classification backbone (channels read off a forward pass, so every
+    backbone here works). With ImageNet weights the stem and first stage stay frozen and BatchNorm is frozen, as
+    DETR trains its ResNet; from scratch everything trains."""
+    classifier = torchvision.models.get_model(arch, weights=backbone_weights, **(
+        {"norm_layer": misc_nn_ops.FrozenBatchNorm2d} if backbone_weights is not None and arch.startswith("res") else {}))
+    if arch in STAGE_BACKBONES:
+        keep = [STAGE_INDICES[s] for s in (8, 16, 32)]
+        channels_last = arch.startswith("swin")
+        channels = StageBackboneFPN.stage_channels(classifier.features, keep, channels_last)
+        body = StageFeatures(classifier.features, keep, channels, channels_last)
+    else:
+        body = torchvision.models._utils.IntermediateLayerGetter(classifier, {"layer2": "0", "layer3": "1",
+                                                                                "layer4": "2"})
+        channels = [getattr(classifier, f"layer{i}")[-1].conv1.in_channels for i in (2, 3, 4)]
+        if backbone_weights is not None:
+            for name, p in body.named_parameters():
+                p.requires_grad_(name.startswith(("layer2", "layer3", "layer4")))
+    encoder_kwargs = {k: kwargs.pop(k) for k in DETR_KWARGS if k in kwargs}
+    encoder_kwargs["num_layers"] = encoder_kwargs.pop("num_encoder_layers", 6)
+    shared = {k: encoder_kwargs[k] for k in ("dim_ffn", "dropout", "n_points") if k in encoder_kwargs}
+    return DeformableDETR(DeformableEncoder(body, channels, **encoder_kwargs), num_classes, **shared, **kwargs)
+
+
 class StageFeatures(nn.Module):
     """The stage outputs of a ConvNeXt or Swin `features` Sequential -> OrderedDict '0', '1', ... of [B, C, h, w]
     maps, each through its own LayerNorm over channels, as the Swin and ConvNeXt detection backbones add (the
@@ -260,7 +297,7 @@ class StageBackboneFPN(nn.Module):
         classifier = torchvision.models.get_model(arch, weights=weights)
         keep = [STAGE_INDICES[s] for s in strides]
         channels_last = arch.startswith("swin")
-        channels = self._stage_channels(classifier.features, keep, channels_last)
+        channels = self.stage_channels(classifier.features, keep, channels_last)
         if one_stage_extra:
             extra = LastLevelP6P7(channels[-1] if p6_from_c5 else out_channels, out_channels)
         else:
@@ -271,7 +308,7 @@ class StageBackboneFPN(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def _stage_channels(stages, keep, channels_last):
+    def stage_channels(stages, keep, channels_last):
         """The channel count of each kept stage, read off one small forward pass."""
         x, channels = torch.zeros(1, 3, 64, 64), []
         was_training = stages.training
@@ -504,10 +541,4 @@ def _unwrap(model):
 
 def normalized_targets(fpn_out):
     """Transformed targets -> AKE targets: contiguous labels 0..K-1, boxes cxcywh / batched tensor size."""
-    h, w = fpn_out.padded_hw
-    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-    out = []
-    for t in fpn_out.targets:
-        boxes = torchvision.ops.box_convert(t["boxes"].float(), "xyxy", "cxcywh") / scale.to(t["boxes"].device)
-        out.append({"labels": t["labels"] - 1, "boxes": boxes.clamp(0, 1)})
-    return out
+    return set_targets(fpn_out.targets, fpn_out.padded_hw)

@@ -38,6 +38,7 @@ import atss
 import bench
 import reppoints
 import deform_attn_triton as msda
+import deformable_detr
 from deform_attn_triton import MSDeformAttn, flatten_levels, ms_deform_attn
 import detectors
 import data
@@ -568,7 +569,7 @@ def test_triton_launcher_uses_launch_config(monkeypatch):
 # ====================================================================================================================
 
 H, W = 128, 192  # both multiples of 64, as the embedded data
-FAMILIES = ["retinanet", "fcos", "atss", "reppoints", "faster_rcnn", "mask_rcnn"]
+FAMILIES = ["retinanet", "fcos", "atss", "reppoints", "faster_rcnn", "mask_rcnn", "deformable_detr"]
 
 
 def build(name, num_classes=5, **kwargs):
@@ -606,7 +607,9 @@ def test_builds_and_hook_returns_four_levels_at_strides_8_to_64(family, backbone
     assert model.unikd_name == f"{family}_{backbone}" and detectors.fpn_channels(model) == 256
     images, targets = images_and_targets(with_masks=family == "mask_rcnn")
     out = detectors.forward_with_features(model.train(), images, targets)
-    loss_names = {"reppoints": {"classification", "bbox_init", "bbox_refine"}}.get(family) or \
+    loss_names = {"reppoints": {"classification", "bbox_init", "bbox_refine"},
+                  "deformable_detr": {"loss_cls", "loss_l1", "loss_giou", "loss_cls_aux", "loss_l1_aux",
+                                      "loss_giou_aux"}}.get(family) or \
         ({"classification", "bbox_regression"} if family in detectors.ONE_STAGE
          else {"loss_objectness", "loss_classifier", "loss_box_reg"})
     assert set(out.result) >= loss_names
@@ -810,14 +813,14 @@ def test_atss_assignment_equals_the_rule_written_as_loops():
     assert atss.atss_assign(anchors, gts[:0], counts).tolist() == [-1] * len(anchors)
 
 
-def overfit_one_image(name, terms):
+def overfit_one_image(name, terms, lr=2e-3, **kwargs):
     """A detector from scratch on one 64 px image with two boxes, AdamW until each of `terms` (loss names) is below
     a tenth of its start (at most 150 steps) -> (first losses, last losses, its detections in eval mode)."""
     torch.manual_seed(0)
-    model = detectors.build_detector(name, 4, min_size=64, max_size=64, score_thresh=0.3)
+    model = detectors.build_detector(name, 4, min_size=64, max_size=64, score_thresh=0.3, **kwargs)
     image = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))]
     target = [{"boxes": torch.tensor([[4.0, 6.0, 36.0, 40.0], [34.0, 20.0, 60.0, 58.0]]), "labels": torch.tensor([1, 3])}]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0)
     first = None
     for _ in range(150):
         losses = model.train()(image, target)
@@ -870,6 +873,88 @@ def test_reppoints_deformable_taps_read_the_feature_at_their_points():
 def test_reppoints_overfits_one_image_from_scratch():
     first, last = overfit_one_image("reppoints_r18", ["classification", "bbox_init", "bbox_refine"])
     assert all(last[k] < first[k] / 10 for k in first), (first, last)
+
+
+# --------------------------------------------------------------------------------------------- Deformable DETR
+
+def test_deformable_detr_hook_reads_the_encoder_output():
+    """The paper's AKE reads Deformable DETR's 'features after the encoder': the hooked levels are the last encoder
+    layer's output [B, S, C], split back into the 4 maps."""
+    model = build("deformable_detr_r18").eval()
+    assert len(model.backbone.layers) == 6 and len(model.decoder) == 6 and model.query_embed.num_embeddings == 300
+    seen = []
+    model.backbone.layers[-1].register_forward_hook(lambda m, args, out: seen.append(out))
+    images, _ = images_and_targets()
+    with torch.no_grad():
+        feats = detectors.forward_features(model, images).features
+    flat = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
+    assert torch.equal(flat, seen[0])
+
+
+def test_deformable_detr_sine_embedding_is_the_written_out_formula():
+    h, w, d = 3, 5, 8
+    got = deformable_detr.sine_position_embedding(h, w, d)
+    for i, j in itertools.product(range(h), range(w)):
+        expected = []
+        for coordinate, side in ((i, h), (j, w)):
+            v = (coordinate + 0.5) / side * 2 * math.pi
+            for k in range(d // 2):
+                angle = v / 10000 ** (2 * (k // 2) / (d // 2))
+                expected.append(math.sin(angle) if k % 2 == 0 else math.cos(angle))
+        assert got[i * w + j].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_deformable_detr_losses_are_each_layers_brute_force_matched_set_loss():
+    """loss_* = the last decoder layer's set loss, loss_*_aux = the sum over the earlier layers; each layer matched
+    by brute force over all assignments with Deformable DETR's cost, its losses written out per pair."""
+    torch.manual_seed(0)
+    model = detectors.build_detector("deformable_detr_r18", 4, min_size=64, max_size=96, dropout=0.0,
+                                     num_queries=5, num_encoder_layers=1, num_decoder_layers=3).train()
+    images, targets = tiny_batch(4)
+    targets[1] = {"boxes": targets[1]["boxes"][:1], "labels": targets[1]["labels"][:1]}
+    losses = model(images, targets)
+    image_list, transformed = model.transform(images, targets)  # (deterministic: no dropout, BN uses batch stats)
+    logits, boxes = model.decode(list(model.backbone(image_list.tensors).values()))
+    h, w = image_list.tensors.shape[-2:]
+    gts = [(t["labels"] - 1, box_convert(t["boxes"], "xyxy", "cxcywh") / torch.tensor([w, h, w, h])) for t in transformed]
+    num_boxes = sum(len(labels) for labels, _ in gts)
+    per_layer = []
+    for layer_logits, layer_boxes in zip(logits.detach(), boxes.detach()):
+        onehot, l1, giou = torch.zeros_like(layer_logits), 0.0, 0.0
+        for b, (labels, gt) in enumerate(gts):
+            n, m = layer_logits.shape[1], len(labels)
+            cost = [[pair_cost(layer_logits[b, i].tolist(), layer_boxes[b, i].tolist(), int(labels[j]), gt[j].tolist())
+                     for j in range(m)] for i in range(n)]
+            best = min(itertools.permutations(range(n), m), key=lambda p: sum(cost[p[j]][j] for j in range(m)))
+            for j, i in enumerate(best):
+                onehot[b, i, labels[j]] = 1
+                l1 += (layer_boxes[b, i] - gt[j]).abs().sum().item()
+                giou += 1 - generalized_box_iou(box_convert(layer_boxes[b, i:i + 1], "cxcywh", "xyxy"),
+                                                box_convert(gt[j:j + 1], "cxcywh", "xyxy")).item()
+        focal = sigmoid_focal_loss(layer_logits, onehot, reduction="sum").item()
+        per_layer.append({"cls": 2 * focal / num_boxes, "l1": 5 * l1 / num_boxes, "giou": 2 * giou / num_boxes})
+    for k in ("cls", "l1", "giou"):
+        assert losses[f"loss_{k}"].item() == pytest.approx(per_layer[-1][k], rel=1e-4)
+        assert losses[f"loss_{k}_aux"].item() == pytest.approx(sum(p[k] for p in per_layer[:-1]), rel=1e-4)
+
+
+def test_deformable_detr_box_refinement_reads_around_the_previous_layers_box():
+    model = build("deformable_detr_r18", dropout=0.0, num_queries=7, num_decoder_layers=3, box_refine=True).eval()
+    assert len({id(m) for m in model.bbox_embed}) == 3  # one box head per layer
+    references = []
+    for layer in model.decoder:
+        layer.register_forward_pre_hook(lambda m, args: references.append(args[2]))
+    with torch.no_grad():
+        feats = detectors.forward_features(model, images_and_targets()[0]).features
+        _, boxes = model.decode(feats)
+    assert references[0].shape[-1] == 2  # the queries' own reference points, then the previous layer's boxes
+    assert torch.equal(references[1], boxes[0]) and torch.equal(references[2], boxes[1])
+
+
+def test_deformable_detr_overfits_one_image_from_scratch():
+    first, last = overfit_one_image("deformable_detr_r18", ["loss_cls", "loss_l1", "loss_giou"], lr=1e-3,
+                                    dropout=0.0, num_queries=30)
+    assert all(last[k] < first[k] / 10 for k in ["loss_cls", "loss_l1", "loss_giou"]), (first, last)
 
 
 def test_small_image_settings_and_torchvision_defaults_at_800():
@@ -977,6 +1062,23 @@ def test_convnext_and_swin_detectors_train_with_adamw_without_decay_on_norms_and
     args.world_size = 1
     train.set_schedule_defaults(args, "fcos", epochs=12, optimizer="sgd")
     assert args.optimizer == "sgd" and isinstance(train.detector_optimizer(build("fcos_r18"), args), torch.optim.SGD)
+
+
+def test_deformable_detr_trains_with_its_papers_adamw_and_per_part_lrs():
+    import train
+    args = train.get_args_parser().parse_args(["--batch-size", "4", "--data-path", "/coco"])
+    args.world_size = 2
+    train.set_schedule_defaults(args, "deformable_detr", epochs=12, optimizer=detectors.optimizer_of("deformable_detr"))
+    assert (args.optimizer, args.lr, args.weight_decay, args.epochs, args.lr_steps, args.clip_grad) == \
+        ("detr", 2e-4, 1e-4, 50, [40], 0.1)
+    model = build("deformable_detr_r18")
+    fast, slow = train.detector_optimizer(model, args).param_groups
+    assert (fast["lr"], slow["lr"], fast["weight_decay"], slow["weight_decay"]) == (2e-4, 2e-4 * 0.1, 1e-4, 1e-4)
+    slow_ids = {id(p) for p in slow["params"]}
+    for name, p in model.named_parameters():  # Deformable DETR's lr_backbone and lr_linear_proj_names
+        placing = "sampling_offsets" in name or "reference_points" in name
+        assert (id(p) in slow_ids) == (name.startswith("backbone.body.") or placing), name
+    assert len(fast["params"]) + len(slow["params"]) == len(list(model.parameters()))
 
 
 def test_names_and_weights_errors():
@@ -2205,6 +2307,12 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert_user_error(res, "--data-path")
     res = run(["--stage", "train", "--model", "yolo_r50"] + TINY, tmp_path)
     assert_user_error(res, "yolo_r50", "retinanet_r50")
+    res = run(["--stage", "train", "--model", "deformable_detr_r152"] + TINY, tmp_path)  # a backbone it has not
+    assert_user_error(res, "deformable_detr_r152", "deformable_detr_r50")
+    other_family = tmp_path / "fcos.pth"
+    torch.save(detectors.build_detector("fcos_r18", 9).state_dict(), other_family)
+    res = run(["--stage", "train", "--model", "deformable_detr_r18", "--weights", str(other_family)] + TINY, tmp_path)
+    assert_user_error(res, "fcos.pth", "does not fit this model")
     # --resume of a file that is not a checkpoint: refused, and the file is untouched
     bogus = tmp_path / "notes.pth"
     bogus.write_text("not a checkpoint")
@@ -2338,6 +2446,17 @@ def test_unikd_distill_step_across_backbone_architectures(teacher, student):
 def test_unikd_distill_step_to_and_from_atss_and_reppoints(teacher, student):
     losses = distill_step(teacher, student, "unikd")
     assert losses["loss_kd_ct"] > 0 and losses["loss_kd_pos"] > 0
+
+
+@pytest.mark.parametrize("teacher,student", [("deformable_detr_r18", "fcos_r18"), ("fcos_r18", "deformable_detr_r18")])
+def test_unikd_distill_step_to_and_from_deformable_detr(teacher, student):
+    losses = distill_step(teacher, student, "unikd")
+    assert losses["loss_kd_ct"] > 0 and losses["loss_kd_pos"] > 0
+    assert ("loss_giou" in losses) == (student == "deformable_detr_r18")  # the student's own set loss
+
+
+def test_fitnet_distill_step_from_deformable_detr():
+    assert distill_step("deformable_detr_r18", "retinanet_r18", "fitnet")["loss_fitnet"] > 0
 
 
 def test_fitnet_distill_step():

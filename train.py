@@ -408,17 +408,21 @@ def wrap_ddp(module, args, device):
 
 def set_schedule_defaults(args, family, epochs, optimizer="sgd"):
     """The recipe where flags are not given (args.recipe and args.optimizer, in args.json, say which).
-    optimizer: "sgd" (ResNet detectors), "adamw" (ConvNeXt/Swin detectors, as their detection papers train them)
-    or "pretrain" (the AKEs).
+    optimizer: "sgd" (ResNet detectors), "adamw" (ConvNeXt/Swin detectors, as their detection papers train them),
+    "detr" (Deformable DETR) or "pretrain" (the AKEs).
     "1x", the paper's for COCO-format data: SGD lr 0.01 one-stage / 0.02 two-stage at batch 16, scaled linearly with
         the total batch, weight decay 1e-4; AdamW lr 1e-4 at batch 16, scaled the same way, weight decay 0.05;
         warm-up 500, x0.1 at 8 and 11 of 12 epochs. Pretraining: AdamW 2e-4, weight decay 1e-4, x0.1 at 2/3.
+        Deformable DETR: its paper's AdamW 2e-4 (at any batch; 0.1x for the backbone, sampling offsets and reference
+        points: detector_optimizer), weight decay 1e-4, gradient clipping 0.1, 50 epochs, x0.1 at 40.
     "small", for generated data (the embedded default), where detectors train from scratch for a few thousand
         iterations: twice the per-image lr (SGD 0.01 one-stage / 0.02 two-stage, AdamW 1e-4, at batch 8), warm-up
         100, one x0.1 at 11/12 of the epochs (in the last, for runs of a few)."""
     args.recipe = "small" if data.generated_params(args) is not None else "1x"
-    args.optimizer = "sgd" if optimizer == "sgd" else "adamw"
+    args.optimizer = optimizer if optimizer in ("sgd", "detr") else "adamw"
     small = args.recipe == "small"
+    if optimizer == "detr":
+        epochs, args.clip_grad = 50, 0.1 if args.clip_grad is None else args.clip_grad
     args.epochs = epochs if args.epochs is None else args.epochs
     if args.weight_decay is None:
         args.weight_decay = 0.05 if optimizer == "adamw" else 1e-4
@@ -429,6 +433,8 @@ def set_schedule_defaults(args, family, epochs, optimizer="sgd"):
     if args.lr_steps is None:
         if optimizer == "pretrain":
             args.lr_steps = [round(args.epochs * 2 / 3)]
+        elif optimizer == "detr" and not small:
+            args.lr_steps = [round(args.epochs * 4 / 5)]
         elif small:  # one decay, at 11/12 but within the run (a run of a few epochs decays in its last)
             args.lr_steps = [min(args.epochs - 1, round(args.epochs * 11 / 12))] if args.epochs > 1 else []
         else:
@@ -436,12 +442,17 @@ def set_schedule_defaults(args, family, epochs, optimizer="sgd"):
 
 
 def detector_optimizer(module, args):
-    """SGD with momentum, or (args.optimizer "adamw", ConvNeXt/Swin detectors) AdamW without weight decay on norms,
-    biases, layer scales and Swin's relative position bias tables, as Swin's and ConvNeXt's detection recipes."""
+    """SGD with momentum; (args.optimizer "adamw", ConvNeXt/Swin detectors) AdamW without weight decay on norms,
+    biases, layer scales and Swin's relative position bias tables, as Swin's and ConvNeXt's detection recipes; or
+    ("detr") Deformable DETR's AdamW: 0.1x lr for the backbone's body and for what places the deformable samples
+    (sampling offsets, reference points), weight decay on everything."""
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if args.optimizer == "sgd":
         return torch.optim.SGD([p for _, p in params], lr=args.lr, momentum=args.momentum,
                                weight_decay=args.weight_decay)
+    if args.optimizer == "detr":
+        return torch.optim.AdamW(unikd.param_groups(module, args.lr, also_slow=("backbone.body.",)), lr=args.lr,
+                                 weight_decay=args.weight_decay)
     free = [p.ndim <= 1 or n.endswith("layer_scale") or "relative_position_bias_table" in n for n, p in params]
     decay = [p for (_, p), f in zip(params, free) if not f]
     no_decay = [p for (_, p), f in zip(params, free) if f]
@@ -470,7 +481,7 @@ def build_scheduler(optimizer, args, iters_per_epoch):
 def stage_train(args, device):
     name = canonical_model_name(args.model, "--model")
     family = detectors.family_of(name)
-    set_schedule_defaults(args, family, epochs=12, optimizer="adamw" if detectors.uses_adamw(name) else "sgd")
+    set_schedule_defaults(args, family, epochs=12, optimizer=detectors.optimizer_of(name))
     resume = prepare_run(args, f"train_{name}")
     train_ds, train_loader, val_loader = build_data(args, with_masks=family == "mask_rcnn")
     model = build_model(name, train_ds.num_classes, "--weights/--weights-backbone", weights=args.weights,
@@ -584,7 +595,7 @@ class Distiller(torch.nn.Module):
 def stage_distill(args, device):
     student_name = canonical_model_name(args.student, "--student")
     family = detectors.family_of(student_name)
-    set_schedule_defaults(args, family, epochs=12, optimizer="adamw" if detectors.uses_adamw(student_name) else "sgd")
+    set_schedule_defaults(args, family, epochs=12, optimizer=detectors.optimizer_of(student_name))
     knowledge_store = None
     if args.offline:
         if args.method != "unikd":

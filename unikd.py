@@ -409,14 +409,16 @@ class AKE(nn.Module):
 
     def head(self, z, queries):
         """FFN(z) -> (logits [B, N, K], boxes [B, N, 4] cxcywh in [0, 1]), boxes refined from the query's reference."""
-        logits = self.class_head(z)
-        delta = self.box_head(z).float()
-        ref = inverse_sigmoid(queries.reference.float())
-        if ref.shape[-1] == 4:
-            delta = delta + ref
-        else:
-            delta = torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
-        return logits, delta.sigmoid()
+        return self.class_head(z), boxes_from_reference(self.box_head(z), queries.reference)
+
+
+def boxes_from_reference(delta, reference):
+    """Deformable DETR's box decoding: delta [..., 4] from the box head, refined in inverse-sigmoid space from the
+    reference [..., 2] (a point: its centre) or [..., 4] (a box) -> boxes [..., 4] cxcywh in [0, 1], float32."""
+    delta, ref = delta.float(), inverse_sigmoid(reference.float())
+    if ref.shape[-1] == 4:
+        return (delta + ref).sigmoid()
+    return torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1).sigmoid()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -566,14 +568,16 @@ def count_parameters(model):
             "total_without_heads": total - heads}
 
 
-def param_groups(model, lr, linear_proj_mult=0.1):
+def param_groups(model, lr, linear_proj_mult=0.1, also_slow=()):
     """Optimizer groups as Deformable DETR trains its transformer: the layers that place the samples (MSDA sampling
     offsets, the content queries' reference points) at linear_proj_mult x lr, so they move slower than what the
-    samples are read with; everything else at lr. Frozen parameters are left out."""
+    samples are read with, and so do parameters whose names contain a string of also_slow (Deformable DETR: its
+    backbone); everything else at lr. Frozen parameters are left out."""
     slow, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (slow if "sampling_offsets" in name or "reference_points" in name else rest).append(p)
+            placing = any(s in name for s in ("sampling_offsets", "reference_points") + tuple(also_slow))
+            (slow if placing else rest).append(p)
     return [{"params": rest, "lr": lr}, {"params": slow, "lr": lr * linear_proj_mult}]
 
 class Adapter(nn.Module):
@@ -601,14 +605,22 @@ class Adapter(nn.Module):
         feats = [self.proj(f) for f in feats]
         if len(self.layers) == 0:
             return feats
-        B, C = feats[0].shape[:2]
-        hw = [tuple(f.shape[-2:]) for f in feats]
-        src, spatial_shapes, level_start_index = flatten_levels(feats)                   # [B, S, C]
-        pos = torch.cat([e.to(src.dtype).expand(h * w, -1) for e, (h, w) in zip(self.level_embed, hw)])[None]
-        reference = pixel_centres(hw, src.device)[None, :, None].expand(B, -1, len(hw), -1)  # [B, S, L, 2]
-        for layer in self.layers:
-            src = layer(src, pos, reference, spatial_shapes, level_start_index)
-        return [s.transpose(1, 2).reshape(B, C, h, w) for s, (h, w) in zip(src.split([h * w for h, w in hw], 1), hw)]
+        pos = [e.expand(f.shape[-2] * f.shape[-1], -1) for e, f in zip(self.level_embed, feats)]
+        return self_attend_levels(self.layers, feats, pos)
+
+
+def self_attend_levels(layers, feats, pos):
+    """EncoderLayers over a level list, each pixel's reference its own centre on every level (as Deformable DETR's
+    encoder, valid ratio 1): feats list of L [B, C, H_l, W_l], pos list of L [H_l * W_l, C] (the queries' positional
+    embedding, shared by the batch) -> list of L [B, C, H_l, W_l]."""
+    B, C = feats[0].shape[:2]
+    hw = [tuple(f.shape[-2:]) for f in feats]
+    src, spatial_shapes, level_start_index = flatten_levels(feats)                       # [B, S, C]
+    pos = torch.cat(pos).to(src.dtype)[None]                                              # [1, S, C]
+    reference = pixel_centres(hw, src.device)[None, :, None].expand(B, -1, len(hw), -1)  # [B, S, L, 2]
+    for layer in layers:
+        src = layer(src, pos, reference, spatial_shapes, level_start_index)
+    return [s.transpose(1, 2).reshape(B, C, h, w) for s, (h, w) in zip(src.split([h * w for h, w in hw], 1), hw)]
 
 
 def pixel_centres(hw, device, dtype=torch.float32):
