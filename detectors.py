@@ -3,8 +3,9 @@
 Two things live here:
 
 * `build_detector(name, num_classes, ...)`: RetinaNet, FCOS, ATSS (atss.py, on torchvision's FCOS), RepPoints
-  (reppoints.py, on torchvision's RetinaNet), Faster R-CNN and Mask R-CNN on ResNet-18/34/50/101, ResNeXt-101 32x8d, ConvNeXt-T/S/B and Swin-T/S/B FPN backbones, built
-  with torchvision's own classes and builders. Size-dependent
+  (reppoints.py, on torchvision's RetinaNet), Faster R-CNN and Mask R-CNN on ResNet-18/34/50/101, ResNeXt-101 32x8d,
+  ConvNeXt-T/S/B and Swin-T/S/B FPN backbones, built with torchvision's own classes and builders; Deformable DETR
+  (deformable_detr.py) on the same backbones, its encoder output standing for the FPN. Size-dependent
   hyper-parameters (anchor sizes, FCOS scale ranges, RPN proposal counts, ROI samples) are scaled for small
   inputs, and every family gets the same image transform, so a teacher and a student see the same tensor.
 * `forward_with_features(model, images, targets)`: runs torchvision's forward unchanged and, through forward
