@@ -951,6 +951,35 @@ def test_deformable_detr_box_refinement_reads_around_the_previous_layers_box():
     assert torch.equal(references[1], boxes[0]) and torch.equal(references[2], boxes[1])
 
 
+def test_deformable_detr_trains_on_the_triton_kernels_as_on_the_pytorch_path():
+    """Every MSDA of its encoder and decoder switched to the Triton kernels (run by the interpreter here, compiled on
+    a GPU): the same losses and gradients as the PyTorch path; and a bf16 autocast step runs."""
+    model = detectors.build_detector("deformable_detr_r18", 4, min_size=64, max_size=64, dropout=0.0, num_queries=10,
+                                     num_encoder_layers=1, num_decoder_layers=1).train()
+    images, targets = (x[:1] for x in tiny_batch(4, size=(64, 64)))
+    attentions = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    assert len(attentions) == 2
+
+    def step(backend):
+        for m in attentions:
+            m.backend = backend
+        model.zero_grad()
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (torch_losses, torch_grads), (triton_losses, triton_grads) = step("torch"), step("triton")
+    for k in torch_losses:
+        torch.testing.assert_close(triton_losses[k], torch_losses[k], rtol=1e-5, atol=1e-6)
+    for k in torch_grads:
+        torch.testing.assert_close(triton_grads[k], torch_grads[k], rtol=1e-4, atol=1e-6)
+    for m in attentions:
+        m.backend = "auto"  # (the PyTorch path on a CPU)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 def test_deformable_detr_overfits_one_image_from_scratch():
     first, last = overfit_one_image("deformable_detr_r18", ["loss_cls", "loss_l1", "loss_giou"], lr=1e-3,
                                     dropout=0.0, num_queries=30)
