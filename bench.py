@@ -167,9 +167,16 @@ def _bench_one(impl, inputs, device, runs):
 
 
 def _bench_impls(device):
-    """name -> impl; grid_sample first: it is the baseline every ratio divides."""
-    impls = {"grid_sample": msda.ms_deform_attn_grid_sample,
-             "torch": lambda *a: msda.ms_deform_attn(*a, backend="torch")}
+    """name -> impl; grid_sample first: it is the baseline every ratio divides; then the peer where it is installed:
+    `torch-ms-deform-attn`, a standalone C++/OpenMP and CUDA build of Deformable DETR's op (for measuring only,
+    never a dependency: pip install --no-build-isolation torch-ms-deform-attn)."""
+    impls = {"grid_sample": msda.ms_deform_attn_grid_sample}
+    try:
+        import torch_ms_deform_attn
+        impls["peer"] = torch_ms_deform_attn.ms_deform_attn
+    except ImportError:
+        pass
+    impls["torch"] = lambda *a: msda.ms_deform_attn(*a, backend="torch")
     if device.type == "cuda" and msda.triton is not None:
         impls["triton"] = lambda *a: msda.ms_deform_attn(*a, backend="triton")
     return impls
@@ -179,8 +186,10 @@ def _print_bench_header(runs):
     print(f"torch {torch.__version__}, triton {getattr(msda.triton, '__version__', 'absent')}, "
           f"CPU threads {torch.get_num_threads()}"
           + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
-    print("median ms over", runs, "runs after warm-up; ratio = grid_sample time / this time (same run)")
-    header = f"{'device':6} {'dtype':8} {'size':16} {'impl':11} {'fwd ms':>9} {'x':>6} {'fwd+bwd ms':>11} {'x':>6}"
+    print("median ms over", runs, "runs after warm-up; x = grid_sample time / this time, x peer = the peer's time / "
+          "this time (same run)")
+    header = (f"{'device':6} {'dtype':8} {'size':16} {'impl':11} {'fwd ms':>9} {'x':>6} {'x peer':>6} "
+              f"{'fwd+bwd ms':>11} {'x':>6} {'x peer':>6}")
     print(header + ("  peak MiB" if torch.cuda.is_available() else ""))
 
 
@@ -196,12 +205,19 @@ def _bench(runs, only=None, device="all"):
                 if only and name not in only:
                     continue
                 inputs = _bench_inputs(size, device, dtype)
-                base = None
+                base = peer = None
                 for impl_name, impl in _bench_impls(device).items():
-                    f, fb, peak = _bench_one(impl, inputs, device, runs)
+                    try:
+                        f, fb, peak = _bench_one(impl, inputs, device, runs)
+                    except RuntimeError as e:  # the peer's build may lack a dtype or device
+                        print(f"{device.type:6} {str(dtype)[6:]:8} {name:16} {impl_name:11} failed: "
+                              f"{str(e).splitlines()[0][:80]}", flush=True)
+                        continue
                     base = base or (f, fb)
+                    peer = (f, fb) if impl_name == "peer" else peer
+                    vs_peer = [f"{p / t:6.2f}" if peer else f"{'':6}" for p, t in zip(peer or (0, 0), (f, fb))]
                     line = (f"{device.type:6} {str(dtype)[6:]:8} {name:16} {impl_name:11} {f:9.2f} "
-                            f"{base[0] / f:6.2f} {fb:11.2f} {base[1] / fb:6.2f}")
+                            f"{base[0] / f:6.2f} {vs_peer[0]} {fb:11.2f} {base[1] / fb:6.2f} {vs_peer[1]}")
                     print(line + (f"  {peak:8.1f}" if peak is not None else ""), flush=True)
 
 

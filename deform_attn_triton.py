@@ -258,8 +258,9 @@ def _compute_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _torch_forward(value, spatial_shapes, level_start_index, loc, attn):
-    """out [B, Q, H*C] (compute dtype) of the PyTorch path."""
+def _torch_forward(value, spatial_shapes, level_start_index, loc, attn, keep_taps=None):
+    """out [B, Q, H*C] (compute dtype) of the PyTorch path. keep_taps: a list that receives each chunk's _Taps, for
+    the backward to reuse instead of recomputing them."""
     B, S, H, C = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     dtype = _compute_dtype(value, loc, attn)
@@ -272,6 +273,8 @@ def _torch_forward(value, spatial_shapes, level_start_index, loc, attn):
     out = None if len(chunks) == 1 else table.new_empty(R, C)
     for rows in chunks:
         taps = _bilinear_taps(geo, loc[rows.start:rows.stop], attn[rows.start:rows.stop], rows, Q * H)
+        if keep_taps is not None:
+            keep_taps.append(taps)
         part = F.embedding_bag(taps.idx, table, per_sample_weights=taps.w, mode="sum")   # [n, C]
         if out is None:
             out = part
@@ -304,8 +307,9 @@ def _scatter_value_grad(grad_table, taps, grad_rows, source):
         grad_table.index_add_(0, taps.idx[lo:hi].reshape(-1), src.view(-1, C))
 
 
-def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_out, needs):
-    """(grad value, grad loc, grad attn) of the PyTorch path, None where not needed."""
+def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_out, needs, kept_taps=None):
+    """(grad value, grad loc, grad attn) of the PyTorch path, None where not needed; kept_taps: the forward's, per
+    chunk, or None to recompute them."""
     B, S, H, C = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     dtype = _compute_dtype(value, loc, attn)
@@ -324,9 +328,9 @@ def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_ou
     source = table.new_empty(min(scatter_rows, R), K, C) if need_value else None   # reused scratch
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
-        for rows in chunks:
+        for i, rows in enumerate(chunks):
             lo, hi = rows.start, rows.stop
-            taps = _bilinear_taps(geo, loc_r[lo:hi], attn_r[lo:hi], rows, Q * H)
+            taps = kept_taps[i] if kept_taps else _bilinear_taps(geo, loc_r[lo:hi], attn_r[lo:hi], rows, Q * H)
             g = grad_rows[lo:hi]                                               # [n, C]
             if need_value:
                 _scatter_value_grad(grad_table, taps, g, source)
@@ -623,8 +627,12 @@ class _MSDAFunction(torch.autograd.Function):
             return value.new_zeros(B, Q, H * C)
         if backend == "triton":
             return _triton_forward(value, spatial_shapes, level_start_index, loc, attn)
+        # on CPU the backward reuses the forward's taps (a third of its time otherwise); on a GPU, where the PyTorch
+        # path serves only without Triton, they are recomputed rather than held ([B*Q*H, 4*L*P] indices and weights)
+        keep = value.device.type == "cpu" and any(ctx.needs_input_grad)
+        ctx.taps = [] if keep else None
         with torch.autocast(value.device.type, enabled=False):   # fp32 maths even inside autocast
-            return _torch_forward(value, spatial_shapes, level_start_index, loc, attn).to(value.dtype)
+            return _torch_forward(value, spatial_shapes, level_start_index, loc, attn, ctx.taps).to(value.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -637,7 +645,8 @@ class _MSDAFunction(torch.autograd.Function):
         else:
             with torch.autocast(value.device.type, enabled=False):
                 gv, gl, ga = _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_out,
-                                             ctx.needs_input_grad[1:])
+                                             ctx.needs_input_grad[1:], ctx.taps)
+            ctx.taps = None
         return None, gv, None, None, gl, ga
 
 

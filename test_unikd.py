@@ -286,6 +286,29 @@ def test_torch_path_in_many_chunks_matches_oracle(monkeypatch):
         torch.testing.assert_close(chunked, single, rtol=1e-6, atol=1e-6)
 
 
+def test_torch_backward_recomputing_its_taps_equals_the_one_reusing_the_forwards(monkeypatch):
+    """On CPU the backward reuses the forward's taps; elsewhere (a GPU without Triton) it recomputes them."""
+    monkeypatch.setattr(msda, "_CPU_ROWS_PER_CHUNK", 7)  # several chunks, so each chunk's own taps are used
+    value, shapes, starts, loc, attn = random_case(2, 5, 3, 6, [(4, 6), (2, 3)], 2, seed=21)
+    grad_out = torch.randn(2, 5, 3 * 6, generator=torch.Generator().manual_seed(22))
+    leaves = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
+    out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], backend="torch")
+    reused = torch.autograd.grad(out, leaves, grad_out)
+    recomputed = msda._torch_backward(value, shapes, starts, loc, attn, grad_out, (True, False, False, True, True))
+    for a, b in zip(reused, recomputed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bench_prints_the_peer_beside_ours_when_it_is_installed(monkeypatch, capsys):
+    pytest.importorskip("torch_ms_deform_attn")  # measuring only: pip install --no-build-isolation torch-ms-deform-attn
+    monkeypatch.setattr(bench, "_bench_sizes", lambda device: {"tiny": (1, 4, 2, 4, 2, [(2, 3), (1, 2)])})
+    bench._bench(2, device="cpu")
+    rows = {line.split()[3]: line.split()[4:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("cpu ")}
+    assert set(rows) == {"grid_sample", "peer", "torch"}
+    assert rows["peer"][2] == rows["peer"][5] == "1.00" and len(rows["torch"]) == 6  # ms, x, x peer (fwd; fwd+bwd)
+
+
 def test_tap_gradient_variants_agree():
     """dL/dw by sampled_addmm (CPU) and by gather + bmm (other devices) vs an explicit dot product."""
     value, spatial_shapes, level_start_index, loc, attn = random_case(1, 3, 2, 5, [(3, 4)], 2, seed=13)
