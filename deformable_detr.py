@@ -98,14 +98,14 @@ class DeformableDETR(nn.Module):
         class_head, box_head = nn.Linear(d_model, num_classes - 1), MLP(d_model, d_model, 4, 3)
         nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))               # focal prior p = 0.01
         nn.init.zeros_(box_head.layers[-1].weight)
-        nn.init.constant_(box_head.layers[-1].bias, 0.0)
+        nn.init.zeros_(box_head.layers[-1].bias)
         nn.init.constant_(box_head.layers[-1].bias[2:], -2.0)                           # boxes start small
         nn.init.xavier_uniform_(self.reference_points.weight)
         nn.init.zeros_(self.reference_points.bias)
         # without refinement one head serves every layer; with it each layer refines the previous layer's box
-        heads = (lambda m: [copy.deepcopy(m) for _ in self.decoder]) if box_refine else (lambda m: [m] * len(
-            self.decoder))
-        self.class_embed, self.bbox_embed = nn.ModuleList(heads(class_head)), nn.ModuleList(heads(box_head))
+        def per_layer(head):
+            return nn.ModuleList(copy.deepcopy(head) if box_refine else head for _ in self.decoder)
+        self.class_embed, self.bbox_embed = per_layer(class_head), per_layer(box_head)
         self.box_refine, self.d_model = box_refine, d_model
         self.matcher = HungarianMatcher()
         self.detections_per_img, self.score_thresh = detections_per_img, score_thresh
