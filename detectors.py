@@ -241,8 +241,8 @@ DETR_KWARGS = ("num_encoder_layers", "dim_ffn", "dropout", "n_points")  # the en
 
 
 def _build_deformable_detr(arch, num_classes, backbone_weights, kwargs):
-    """Deformable DETR on C3-C5 of a torchvision classification backbone (channels read off a forward pass, so every
-    backbone here works). With ImageNet weights the stem and first stage stay frozen and BatchNorm is frozen, as
+    """Deformable DETR on C3-C5 of a torchvision classification backbone (channels read off its blocks or, for
+    ConvNeXt/Swin, a forward pass, so every backbone here works). With ImageNet weights the stem and first stage stay frozen and BatchNorm is frozen, as
     DETR trains its ResNet; from scratch everything trains."""
     classifier = torchvision.models.get_model(arch, weights=backbone_weights, **(
         {"norm_layer": misc_nn_ops.FrozenBatchNorm2d} if backbone_weights is not None and arch.startswith("res") else {}))
