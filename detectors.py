@@ -242,10 +242,11 @@ DETR_KWARGS = ("num_encoder_layers", "dim_ffn", "dropout", "n_points")  # the en
 
 def _build_deformable_detr(arch, num_classes, backbone_weights, kwargs):
     """Deformable DETR on C3-C5 of a torchvision classification backbone (channels read off its blocks or, for
-    ConvNeXt/Swin, a forward pass, so every backbone here works). With ImageNet weights the stem and first stage stay frozen and BatchNorm is frozen, as
-    DETR trains its ResNet; from scratch everything trains."""
-    classifier = torchvision.models.get_model(arch, weights=backbone_weights, **(
-        {"norm_layer": misc_nn_ops.FrozenBatchNorm2d} if backbone_weights is not None and arch.startswith("res") else {}))
+    ConvNeXt/Swin, a forward pass, so every backbone here works). With ImageNet weights a ResNet's stem and first
+    stage stay frozen and its BatchNorm is frozen, as DETR trains its ResNet; from scratch everything trains."""
+    frozen_bn = backbone_weights is not None and arch not in STAGE_BACKBONES
+    classifier = torchvision.models.get_model(arch, weights=backbone_weights,
+                                              **({"norm_layer": misc_nn_ops.FrozenBatchNorm2d} if frozen_bn else {}))
     if arch in STAGE_BACKBONES:
         keep = [STAGE_INDICES[s] for s in (8, 16, 32)]
         channels_last = arch.startswith("swin")

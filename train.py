@@ -60,8 +60,8 @@ def get_args_parser():
     p.add_argument("-j", "--workers", default=2, type=int)
     # schedule (the paper's 1x: 12 epochs, decay at 8 and 11)
     p.add_argument("--epochs", default=None, type=int,
-                   help="default 12 (train, distill), 15 (pretrain), 50 for Deformable DETR on COCO-format data; 0 saves and "
-                        "evaluates the initial weights")
+                   help="default 12 (train, distill), 15 (pretrain), 50 for Deformable DETR on COCO-format data; "
+                        "0 saves and evaluates the initial weights")
     p.add_argument("-b", "--batch-size", default=8, type=int, help="images per GPU/process")
     p.add_argument("--lr", default=None, type=float,
                    help="default: SGD 0.01 one-stage / 0.02 two-stage at batch 16, scaled linearly; AdamW 1e-4 for "
@@ -72,7 +72,8 @@ def get_args_parser():
     p.add_argument("--lr-steps", default=None, nargs="+", type=int, help="epochs at which lr drops 10x")
     p.add_argument("--warmup-iters", default=None, type=int,
                    help="linear warm-up iterations; default 500 (the paper's 1x), 100 (the small-data recipe)")
-    p.add_argument("--clip-grad", default=None, type=float, help="max grad norm (default 0.1 for pretrain and Deformable DETR, off otherwise)")
+    p.add_argument("--clip-grad", default=None, type=float,
+                   help="max grad norm (default 0.1 for pretrain and Deformable DETR, off otherwise)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU only)")
     p.add_argument("--max-iters", default=None, type=int, help="cap on iterations per epoch (smoke tests)")
     # UniKD (paper defaults)
