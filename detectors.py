@@ -171,10 +171,19 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
     kwargs = {**TRANSFORM_DEFAULTS, **kwargs}
     if family == "deformable_detr":
         model = _build_deformable_detr(backbone_arch(name), num_classes, backbone_weights, kwargs)
-        if checkpoint is not None:
-            load_checkpoint(model, checkpoint)
-        model.unikd_name = name
-        return model
+    else:
+        model = _build_torchvision_family(name, family, num_classes, coco_weights, backbone_weights, kwargs)
+    if family == "fcos" and weights is None and weights_backbone is None:
+        _start_fcos_boxes_with_an_area(model)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    model.unikd_name = name
+    return model
+
+
+def _build_torchvision_family(name, family, num_classes, coco_weights, backbone_weights, kwargs):
+    """The anchor- and FPN-based families: torchvision's builder where it has one, else from parts; anchors and
+    proposal counts scaled for small images; COCO weights' class layers swapped for num_classes."""
     scale = anchor_scale(kwargs["min_size"])
     anchor_generator = kwargs.pop("anchor_generator", None)  # RetinaNet/FCOS name
     anchor_generator = kwargs.pop("rpn_anchor_generator", None) or anchor_generator  # R-CNN name
@@ -192,11 +201,6 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
 
     if coco_weights is not None and num_classes != COCO_NUM_CLASSES:
         _replace_class_layers(model, family, num_classes)
-    if family == "fcos" and weights is None and weights_backbone is None:
-        _start_fcos_boxes_with_an_area(model)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
-    model.unikd_name = name
     return model
 
 
@@ -237,9 +241,6 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, ancho
     return cls(backbone, num_classes=num_classes, **kwargs)
 
 
-DETR_KWARGS = ("num_encoder_layers", "dim_ffn", "dropout", "n_points")  # the encoder's; the rest go to DeformableDETR
-
-
 def _build_deformable_detr(arch, num_classes, backbone_weights, kwargs):
     """Deformable DETR on C3-C5 of a torchvision classification backbone (channels read off its blocks or, for
     ConvNeXt/Swin, a forward pass, so every backbone here works). With ImageNet weights a ResNet's stem and first
@@ -259,10 +260,9 @@ def _build_deformable_detr(arch, num_classes, backbone_weights, kwargs):
         if backbone_weights is not None:
             for name, p in body.named_parameters():
                 p.requires_grad_(name.startswith(("layer2", "layer3", "layer4")))
-    encoder_kwargs = {k: kwargs.pop(k) for k in DETR_KWARGS if k in kwargs}
-    encoder_kwargs["num_layers"] = encoder_kwargs.pop("num_encoder_layers", 6)
-    shared = {k: encoder_kwargs[k] for k in ("dim_ffn", "dropout", "n_points") if k in encoder_kwargs}
-    return DeformableDETR(DeformableEncoder(body, channels, **encoder_kwargs), num_classes, **shared, **kwargs)
+    layer = {k: kwargs[k] for k in ("dim_ffn", "dropout", "n_points") if k in kwargs}  # encoder's and decoder's
+    encoder = DeformableEncoder(body, channels, num_layers=kwargs.pop("num_encoder_layers", 6), **layer)
+    return DeformableDETR(encoder, num_classes, **kwargs)
 
 
 class StageFeatures(nn.Module):
