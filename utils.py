@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -24,6 +25,9 @@ MODEL_KIND = "unikd_model"  # a trained detector with its name and training flag
 
 
 # ---------------------------------------------------------------------------------------------------- user errors
+
+RANK_0_REPORTS_FIRST_S = 5.0
+
 
 class UserError(Exception):
     """An error the user caused and can fix; the message reads '<problem>; <fix>'."""
@@ -41,11 +45,22 @@ def user_error_line(error: BaseException) -> str:
 
 
 def report_user_error(error: UserError):
-    """Print the one line (rank 0 only, unless the error is local to this rank) and exit 2."""
+    """Print the one line (rank 0 only, unless the error is local to this rank) and exit 2.
+
+    Under torchrun the first worker to exit stops the others; an error every rank sees is printed by rank 0, so the
+    other ranks give it a few seconds to print and exit first (torchrun then names rank 0's exit code 2 as the cause).
+    """
     rank = int(os.environ.get("RANK", 0))
     if rank == 0 or isinstance(error, LocalUserError):
         prefix = f"[rank {rank}] " if rank and isinstance(error, LocalUserError) else ""
         print(prefix + user_error_line(error), file=sys.stderr, flush=True)
+        sys.exit(2)
+    exit_2_after_rank_0()
+
+
+def exit_2_after_rank_0():
+    """Exit 2 on a rank other than 0 once rank 0 has had the time to print the error line and exit first."""
+    time.sleep(RANK_0_REPORTS_FIRST_S)
     sys.exit(2)
 
 
@@ -65,8 +80,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's error format: one line, exit code 2 (argparse prints usage + error)."""
 
     def error(self, message):
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {message}; see {self.prog} --help", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", 0)) != 0:
+            exit_2_after_rank_0()
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
