@@ -836,16 +836,16 @@ def test_atss_assignment_equals_the_rule_written_as_loops():
     assert atss.atss_assign(anchors, gts[:0], counts).tolist() == [-1] * len(anchors)
 
 
-def overfit_one_image(name, terms, lr=2e-3, **kwargs):
+def overfit_one_image(name, terms, lr=2e-3, steps=150, **kwargs):
     """A detector from scratch on one 64 px image with two boxes, AdamW until each of `terms` (loss names) is below
-    a tenth of its start (at most 150 steps) -> (first losses, last losses, its detections in eval mode)."""
+    a tenth of its start (at most `steps` steps) -> (first losses, last losses, its detections in eval mode)."""
     torch.manual_seed(0)
     model = detectors.build_detector(name, 4, min_size=64, max_size=64, score_thresh=0.3, **kwargs)
     image = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))]
     target = [{"boxes": torch.tensor([[4.0, 6.0, 36.0, 40.0], [34.0, 20.0, 60.0, 58.0]]), "labels": torch.tensor([1, 3])}]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0)
     first = None
-    for _ in range(150):
+    for _ in range(steps):
         losses = model.train()(image, target)
         first = first or {k: v.item() for k, v in losses.items()}
         if all(losses[k] < first[k] / 10 for k in terms):
@@ -937,7 +937,7 @@ def test_deformable_detr_losses_are_each_layers_brute_force_matched_set_loss():
     targets[1] = {"boxes": targets[1]["boxes"][:1], "labels": targets[1]["labels"][:1]}
     losses = model(images, targets)
     image_list, transformed = model.transform(images, targets)  # (deterministic: no dropout, BN uses batch stats)
-    logits, boxes = model.decode(list(model.backbone(image_list.tensors).values()))
+    logits, boxes, _ = model.decode(list(model.backbone(image_list.tensors).values()))
     h, w = image_list.tensors.shape[-2:]
     gts = [(t["labels"] - 1, box_convert(t["boxes"], "xyxy", "cxcywh") / torch.tensor([w, h, w, h])) for t in transformed]
     num_boxes = sum(len(labels) for labels, _ in gts)
@@ -969,9 +969,58 @@ def test_deformable_detr_box_refinement_reads_around_the_previous_layers_box():
         layer.register_forward_pre_hook(lambda m, args: references.append(args[2]))
     with torch.no_grad():
         feats = detectors.forward_features(model, images_and_targets()[0]).features
-        _, boxes = model.decode(feats)
+        _, boxes, _ = model.decode(feats)
     assert references[0].shape[-1] == 2  # the queries' own reference points, then the previous layer's boxes
     assert torch.equal(references[1], boxes[0]) and torch.equal(references[2], boxes[1])
+
+
+def test_deformable_detr_proposal_anchors_are_the_written_out_squares():
+    boxes, valid = deformable_detr.proposal_anchors(torch.tensor([[2, 3], [1, 1], [1, 200]]))
+    assert boxes.shape == (6 + 1 + 200, 4)
+    assert boxes[5].tolist() == pytest.approx([2.5 / 3, 1.5 / 2, 0.05, 0.05])   # level 0, row 1, column 2
+    assert boxes[6].tolist() == pytest.approx([0.5, 0.5, 0.1, 0.1])             # level 1: its only pixel
+    assert boxes[7].tolist() == pytest.approx([0.5 / 200, 0.5, 0.2, 0.2])       # level 2, column 0: x < 0.01
+    assert valid[:7].all() and not valid[7:9].any() and valid[9] and not valid[-1]   # x = 1.5/200 < 0.01 < 2.5/200
+
+
+def test_deformable_detr_two_stage_queries_are_the_top_proposals_and_their_loss_is_matched_class_agnostically():
+    """two_stage: the decoder's first references are the num_queries valid proposals of highest objectness (detached),
+    its queries come from them; loss_*_enc is the proposals' set loss against class-agnostic GT, here with one GT per
+    image so the optimal matching is the cheapest proposal, found by a loop; every two-stage part gets a gradient."""
+    torch.manual_seed(0)
+    model = detectors.build_detector("deformable_detr_r18", 4, min_size=64, max_size=96, dropout=0.0, num_queries=6,
+                                     num_encoder_layers=1, num_decoder_layers=2, two_stage=True).train()
+    assert not hasattr(model, "query_embed")
+    images, targets = tiny_batch(4)
+    targets = [{"boxes": t["boxes"][i:i + 1], "labels": t["labels"][i:i + 1]} for i, t in enumerate(targets)]
+    references = []
+    model.decoder[0].register_forward_pre_hook(lambda m, args: references.append(args[2]))
+    losses = model(images, targets)
+    image_list, transformed = model.transform(images, targets)
+    levels = list(model.backbone(image_list.tensors).values())
+    objectness, boxes = model.propose(deformable_detr.FeatureMemory(*flatten_levels(levels)))
+    _, valid = deformable_detr.proposal_anchors(torch.tensor([list(f.shape[-2:]) for f in levels]))
+    h, w = image_list.tensors.shape[-2:]
+    focal = l1 = giou = 0.0
+    for b, t in enumerate(transformed):
+        ranked = sorted((i for i in range(len(valid)) if valid[i]), key=lambda i: -objectness[b, i, 0].item())
+        assert torch.equal(references[0][b], boxes[b, ranked[:6]]) and not references[0].requires_grad
+        gt = (box_convert(t["boxes"], "xyxy", "cxcywh") / torch.tensor([w, h, w, h]))[0].tolist()
+        costs = [pair_cost(objectness[b, i].tolist(), boxes[b, i].tolist(), 0, gt) for i in range(boxes.shape[1])]
+        best = min(range(len(costs)), key=costs.__getitem__)
+        onehot = torch.zeros_like(objectness[b])
+        onehot[best] = 1
+        focal += sigmoid_focal_loss(objectness[b], onehot, reduction="sum").item()
+        l1 += sum(abs(a - c) for a, c in zip(boxes[b, best].tolist(), gt))
+        giou += 1 - generalized_box_iou(box_convert(boxes[b, best:best + 1], "cxcywh", "xyxy"),
+                                        box_convert(torch.tensor([gt]), "cxcywh", "xyxy")).item()
+    expected = {"cls": 2 * focal / 2, "l1": 5 * l1 / 2, "giou": 2 * giou / 2}   # two GT boxes in the batch
+    for k, v in expected.items():
+        assert losses[f"loss_{k}_enc"].item() == pytest.approx(v, rel=1e-4)
+    sum(losses.values()).backward()
+    for part in (model.enc_output, model.enc_class, model.enc_box, model.pos_trans):   # (enc_box's last layer starts
+        grads = [p.grad for p in part.parameters()]                                    # at zero: only it moves first)
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 def test_deformable_detr_trains_on_the_triton_kernels_as_on_the_pytorch_path():
@@ -1003,9 +1052,10 @@ def test_deformable_detr_trains_on_the_triton_kernels_as_on_the_pytorch_path():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_deformable_detr_overfits_one_image_from_scratch():
-    first, last = overfit_one_image("deformable_detr_r18", ["loss_cls", "loss_l1", "loss_giou"], lr=1e-3,
-                                    dropout=0.0, num_queries=30)
+@pytest.mark.parametrize("variant,lr", [({}, 1e-3), ({"two_stage": True}, 3e-4)])   # (two-stage diverges at 1e-3)
+def test_deformable_detr_overfits_one_image_from_scratch(variant, lr):
+    first, last = overfit_one_image("deformable_detr_r18", ["loss_cls", "loss_l1", "loss_giou"], lr=lr,
+                                    steps=300, dropout=0.0, num_queries=30, **variant)
     assert all(last[k] < first[k] / 10 for k in ["loss_cls", "loss_l1", "loss_giou"]), (first, last)
 
 
