@@ -106,7 +106,10 @@ class Steps:
         return t, a, os.path.join(adir, "ake.pth")
 
     def student(self, root, teacher, student, method, seed, ake):
-        return self.run(os.path.join(root, f"{teacher}__{student}__{method}__s{seed}"),
+        """One student cell. Without KD the student never sees its teacher (the AKE file is read for its class count
+        only), so one run per (student, seed) serves every teacher's row."""
+        name = f"none__{student}__s{seed}" if method == "none" else f"{teacher}__{student}__{method}__s{seed}"
+        return self.run(os.path.join(root, name),
                         ["--stage", "distill", "--student", student, "--method", method, "--ake", ake, "--seed",
                          str(seed), "--epochs", str(self.args.student_epochs), "--eval-every", "0"])
 

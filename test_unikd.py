@@ -2874,8 +2874,7 @@ def test_demo_runs_end_to_end_and_a_rerun_skips_its_steps(tmp_path):
     table = [l for l in res.stdout.splitlines() if l.startswith("| ")]
     assert [l.split(" | ")[0] for l in table[2:]] == ["| teacher", "| AKE (content queries)", "| student, no KD",
                                                       "| student, UniKD"]
-    for step in ("teacher_fcos_r18", "ake_fcos_r18", "fcos_r18__retinanet_r18__none__s0",
-                 "fcos_r18__retinanet_r18__unikd__s0"):
+    for step in ("teacher_fcos_r18", "ake_fcos_r18", "none__retinanet_r18__s0", "fcos_r18__retinanet_r18__unikd__s0"):
         result = json.loads((tmp_path / "runs" / "demo" / step / "result.json").read_text())
         assert "AP" in result["metrics"] and result["command"].startswith("python train.py --stage ")
         recorded = json.loads((tmp_path / "runs" / "demo" / step / "args.json").read_text())
@@ -2895,7 +2894,8 @@ def run_grid(tmp_path, teachers, students, methods, seeds):
 
 def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
     grid, root = run_grid(tmp_path, "fcos_r18", "retinanet_r18_v2", "none,unikd", "0,1")
-    aps = {(m, s): json.loads((root / f"fcos_r18__retinanet_r18_v2__{m}__s{s}" / "result.json").read_text())
+    aps = {(m, s): json.loads((root / (f"none__retinanet_r18_v2__s{s}" if m == "none" else
+                                       f"fcos_r18__retinanet_r18_v2__{m}__s{s}") / "result.json").read_text())
            ["metrics"]["AP"] for m in ("none", "unikd") for s in (0, 1)}
     md = (root / "results.md").read_text()
     row = next(l for l in md.splitlines() if l.startswith("| fcos_r18 → retinanet_r18_v2"))
@@ -2937,6 +2937,15 @@ def test_grid_random_teacher_control_is_the_untrained_architecture_with_its_own_
     ake = torch.load(root / "ake_random_fcos_r18" / "ake.pth", map_location="cpu", weights_only=False)
     assert ake["teacher"] == "fcos_r18" and ake["teacher_weights"].endswith("teacher_random_fcos_r18/model.pth")
     assert "| random_fcos_r18 → fcos_r18 (homogeneous) |" in (root / "results.md").read_text()
+
+def test_grid_runs_a_student_without_kd_once_for_every_teacher(tmp_path, monkeypatch):
+    """A `none` cell does not depend on the teacher: every teacher's row reads the same run; KD cells stay apart."""
+    steps = grid.Steps(argparse.Namespace(student_epochs=4), None, None, None)
+    monkeypatch.setattr(steps, "run", lambda out_dir, argv: out_dir)
+    cell = lambda teacher, method: steps.student("r", teacher, "fcos_r18", method, 1, f"ake_{teacher}")  # noqa: E731
+    assert cell("fcos_r34", "none") == cell("random_atss_r34", "none") == os.path.join("r", "none__fcos_r18__s1")
+    assert cell("fcos_r34", "unikd") != cell("atss_r34", "unikd")
+
 
 def test_demo_says_plainly_whether_unikd_beat_the_student_alone():
     assert "nothing to distil" in grid.demo_verdict(0.20, 0.25, 0.30)
