@@ -52,7 +52,11 @@ STAGE_INDICES = {4: 1, 8: 3, 16: 5, 32: 7}
 # torchvision's v2 recipes: RetinaNet v2 (GroupNorm head, GIoU box loss, P6 from C5) for every backbone here; the
 # R-CNN v2s (R50 only) as torchvision builds them.
 V2_NAMES = tuple(f"retinanet_{backbone}_v2" for backbone in BACKBONES) + ("faster_rcnn_r50_v2", "mask_rcnn_r50_v2")
-MODEL_NAMES = [f"{family}_{backbone}" for family in FAMILIES for backbone in BACKBONES] + list(V2_NAMES)
+# Deformable DETR's variants of its paper's Table 1: "+ iterative bounding box refinement" and "++ two-stage" (both)
+DETR_VARIANTS = {"refine": dict(box_refine=True), "two_stage": dict(box_refine=True, two_stage=True)}
+VARIANT_NAMES = V2_NAMES + tuple(f"deformable_detr_{backbone}_{variant}" for backbone in BACKBONES
+                                 for variant in DETR_VARIANTS)
+MODEL_NAMES = [f"{family}_{backbone}" for family in FAMILIES for backbone in BACKBONES] + list(VARIANT_NAMES)
 
 # The R50 models torchvision ships a builder (and COCO weights) for; the others are assembled from the same parts.
 TORCHVISION_BUILDERS = {
@@ -99,12 +103,14 @@ class FPNOutput(NamedTuple):
 
 
 def canonical_name(name: str) -> str:
-    """'retinanet' -> 'retinanet_r50', 'retinanet_v2' -> 'retinanet_r50_v2'; unknown -> ValueError naming all."""
+    """'retinanet' -> 'retinanet_r50', 'retinanet_v2' -> 'retinanet_r50_v2', 'deformable_detr_two_stage' ->
+    'deformable_detr_r50_two_stage'; unknown -> ValueError naming all."""
     key = str(name).strip().lower()
+    suffix = next((s for s in ("_v2",) + tuple("_" + v for v in DETR_VARIANTS) if key.endswith(s)), "")
     if key in FAMILIES:
         key += "_r50"
-    elif key.endswith("_v2") and key[:-3] in FAMILIES:
-        key = key[:-3] + "_r50_v2"
+    elif suffix and key.removesuffix(suffix) in FAMILIES:
+        key = key.removesuffix(suffix) + "_r50" + suffix
     if key not in MODEL_NAMES:
         raise ValueError(f"unknown model '{name}'; valid names: {', '.join(MODEL_NAMES)} "
                          f"(a bare family name means _r50)")
@@ -113,8 +119,14 @@ def canonical_name(name: str) -> str:
 
 def backbone_arch(name: str) -> str:
     """'retinanet_r18_v2' -> 'resnet18', 'mask_rcnn_swin_t' -> 'swin_t': the torchvision name of the backbone."""
-    name = canonical_name(name).removesuffix("_v2")
-    return BACKBONES[name[len(family_of(name)) + 1:]]
+    name = canonical_name(name)
+    return BACKBONES[name[len(family_of(name)) + 1:].removesuffix("_" + variant_of(name)).removesuffix("_v2")]
+
+
+def variant_of(name: str) -> str:
+    """'deformable_detr_r18_two_stage' -> 'two_stage', '' for a model without a Deformable DETR variant."""
+    name = canonical_name(name)
+    return next((v for v in DETR_VARIANTS if family_of(name) == "deformable_detr" and name.endswith("_" + v)), "")
 
 
 def optimizer_of(name: str) -> str:
@@ -170,6 +182,7 @@ def build_detector(name: str, num_classes: int, weights=None, weights_backbone=N
 
     kwargs = {**TRANSFORM_DEFAULTS, **kwargs}
     if family == "deformable_detr":
+        kwargs = {**DETR_VARIANTS.get(variant_of(name), {}), **kwargs}
         model = _build_deformable_detr(backbone_arch(name), num_classes, backbone_weights, kwargs)
     else:
         model = _build_torchvision_family(name, family, num_classes, coco_weights, backbone_weights, kwargs)
