@@ -57,6 +57,7 @@ DETR_VARIANTS = {"refine": dict(box_refine=True), "two_stage": dict(box_refine=T
 VARIANT_NAMES = V2_NAMES + tuple(f"deformable_detr_{backbone}_{variant}" for backbone in BACKBONES
                                  for variant in DETR_VARIANTS)
 MODEL_NAMES = [f"{family}_{backbone}" for family in FAMILIES for backbone in BACKBONES] + list(VARIANT_NAMES)
+VARIANT_SUFFIXES = ("_v2",) + tuple("_" + variant for variant in DETR_VARIANTS)
 
 # The R50 models torchvision ships a builder (and COCO weights) for; the others are assembled from the same parts.
 TORCHVISION_BUILDERS = {
@@ -106,7 +107,7 @@ def canonical_name(name: str) -> str:
     """'retinanet' -> 'retinanet_r50', 'retinanet_v2' -> 'retinanet_r50_v2', 'deformable_detr_two_stage' ->
     'deformable_detr_r50_two_stage'; unknown -> ValueError naming all."""
     key = str(name).strip().lower()
-    suffix = next((s for s in ("_v2",) + tuple("_" + v for v in DETR_VARIANTS) if key.endswith(s)), "")
+    suffix = next((s for s in VARIANT_SUFFIXES if key.endswith(s)), "")
     if key in FAMILIES:
         key += "_r50"
     elif suffix and key.removesuffix(suffix) in FAMILIES:
@@ -120,7 +121,8 @@ def canonical_name(name: str) -> str:
 def backbone_arch(name: str) -> str:
     """'retinanet_r18_v2' -> 'resnet18', 'mask_rcnn_swin_t' -> 'swin_t': the torchvision name of the backbone."""
     name = canonical_name(name)
-    return BACKBONES[name[len(family_of(name)) + 1:].removesuffix("_" + variant_of(name)).removesuffix("_v2")]
+    backbone = name[len(family_of(name)) + 1:]
+    return BACKBONES[next((backbone.removesuffix(s) for s in VARIANT_SUFFIXES if backbone.endswith(s)), backbone)]
 
 
 def variant_of(name: str) -> str:
