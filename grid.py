@@ -7,8 +7,10 @@ train.py dispatches here and hands over its parser and stages (this file does no
     python train.py --stage demo [--smoke]       # teacher -> AKE -> a heterogeneous student without KD and with UniKD
     python train.py --stage grid --teachers fcos_r34 --students fcos_r18,retinanet_r18_v2 --methods none,fitnet,unikd
 """
+import concurrent.futures
 import itertools
 import json
+import multiprocessing
 import os
 import statistics
 import time
@@ -88,7 +90,8 @@ class Steps:
         t0 = time.time()
         log(args, f"== {' '.join(argv)}")
         metrics = self.stages[step.stage](step, self.device)
-        result = {"metrics": metrics, "seconds": time.time() - t0, "command": "python train.py " + " ".join(argv)}
+        result = {"metrics": metrics, "seconds": time.time() - t0, "command": "python train.py " + " ".join(argv),
+                  "threads": torch.get_num_threads(), "device": str(self.device)}
         if is_main(args):
             atomic_write_json(result_file, result)
         return result
@@ -105,13 +108,63 @@ class Steps:
                             "--eval-every", "0"])
         return t, a, os.path.join(adir, "ake.pth")
 
-    def student(self, root, teacher, student, method, seed, ake):
-        """One student cell. Without KD the student never sees its teacher (the AKE file is read for its class count
-        only), so one run per (student, seed) serves every teacher's row."""
-        name = f"none__{student}__s{seed}" if method == "none" else f"{teacher}__{student}__{method}__s{seed}"
-        return self.run(os.path.join(root, name),
-                        ["--stage", "distill", "--student", student, "--method", method, "--ake", ake, "--seed",
-                         str(seed), "--epochs", str(self.args.student_epochs), "--eval-every", "0"])
+    def student(self, out_dir, student, method, seed, ake):
+        """One student cell in out_dir (cell_dir's)."""
+        return self.run(out_dir, ["--stage", "distill", "--student", student, "--method", method, "--ake", ake,
+                                  "--seed", str(seed), "--epochs", str(self.args.student_epochs), "--eval-every", "0"])
+
+
+def cell_dir(root, teacher, student, method, seed):
+    """A student cell's folder. Without KD the student never sees its teacher (the AKE file is read for its class
+    count only), so one run per (student, seed) serves every teacher's row."""
+    return os.path.join(root, f"none__{student}__s{seed}" if method == "none" else
+                        f"{teacher}__{student}__{method}__s{seed}")
+
+
+class InProcess(concurrent.futures.Executor):
+    """--jobs 1: each step runs when it is submitted, in this process (an error surfaces at once)."""
+
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+
+def step_pool(args, device):
+    """Where a pipeline's steps run: here (--jobs 1), or in --jobs worker processes at once, each with its share of
+    the CPU threads or, on CUDA, a GPU of its own (worker i: cuda:i mod the GPU count; on one GPU they share it,
+    which suits miniature steps too small to fill it)."""
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: give the number of steps to run at once (1 or more)")
+    if args.jobs == 1 or args.report:
+        return InProcess()
+    if args.distributed:
+        raise UserError(f"--jobs {args.jobs}: steps run in worker processes of one launcher, but under torchrun every "
+                        f"step already spans all ranks; leave --jobs at 1")
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP or CUDA state
+    slots = context.Queue()
+    for i in range(args.jobs):
+        slots.put(i)
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    return concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=start_worker,
+                                                  initargs=(slots, threads, device))
+
+
+WORKER_DEVICE = None  # a --jobs worker's own device; None in the launching process
+
+
+def start_worker(slots, threads, device):
+    """A --jobs worker: its CPU threads, and its own GPU when the pipeline runs on CUDA."""
+    global WORKER_DEVICE
+    torch.set_num_threads(threads)
+    WORKER_DEVICE = torch.device("cuda", slots.get() % torch.cuda.device_count()) if device.type == "cuda" else device
+
+
+def in_worker(steps, method, *args):
+    """steps.<method>(*args), on this worker's device when it is a --jobs worker."""
+    if WORKER_DEVICE is not None:
+        steps.device, steps.args.device = WORKER_DEVICE, str(WORKER_DEVICE)
+    return getattr(steps, method)(*args)
 
 
 def apply_defaults(args, defaults):
@@ -133,9 +186,10 @@ def stage_demo(args, steps):
     root = args.output_dir or os.path.join("runs", "demo")
     t, a, ake = steps.teacher_and_ake(root, teacher)
     rows = [("teacher", teacher, t), ("AKE (content queries)", f"AKE of {teacher}", a)]
-    for method in ("none", "unikd"):
-        rows.append((f"student, {'no KD' if method == 'none' else 'UniKD'}", student,
-                     steps.student(root, teacher, student, method, args.seed, ake)))
+    with step_pool(args, steps.device) as pool:  # the two students at once under --jobs 2
+        students = [pool.submit(in_worker, steps, "student", cell_dir(root, teacher, student, method, args.seed),
+                                student, method, args.seed, ake) for method in ("none", "unikd")]
+        rows += [(f"student, {name}", student, s.result()) for name, s in zip(("no KD", "UniKD"), students)]
     lines = ["| step | model | AP | AP50 | wall time |", "| --- | --- | ---: | ---: | ---: |"]
     for step, model, r in rows:
         m = r["metrics"]
@@ -176,12 +230,18 @@ def stage_grid(args, steps):
     if bad:
         raise UserError(f"--methods {args.methods}: unknown method {bad[0]}; choose from none, fitnet, unikd")
     root = args.output_dir or os.path.join("runs", "grid")
-    cells, prerequisites = {}, {}
-    for teacher in teachers:
-        t, a, ake = steps.teacher_and_ake(root, teacher)
-        prerequisites[teacher] = (t, a)
-        for student, method, seed in itertools.product(students, methods, seeds):
-            cells[teacher, student, method, seed] = steps.student(root, teacher, student, method, seed, ake)
+    cells, prerequisites, runs = {}, {}, {}
+    with step_pool(args, steps.device) as pool:  # every teacher's chain at once, then its cells as workers free up
+        chains = {teacher: pool.submit(in_worker, steps, "teacher_and_ake", root, teacher) for teacher in teachers}
+        for teacher in teachers:
+            t, a, ake = chains[teacher].result()
+            prerequisites[teacher] = (t, a)
+            for student, method, seed in itertools.product(students, methods, seeds):
+                out_dir = cell_dir(root, teacher, student, method, seed)
+                if out_dir not in runs:  # a cell without KD serves every teacher's row
+                    runs[out_dir] = pool.submit(in_worker, steps, "student", out_dir, student, method, seed, ake)
+                cells[teacher, student, method, seed] = out_dir
+        cells = {key: runs[out_dir].result() for key, out_dir in cells.items()}
     if is_main(args):
         path = os.path.join(root, "results.md")  # grids over disjoint cells may share a root and finish together
         atomic_write_text(path, grid_table(args, root, prerequisites, cells, teachers, students, methods, seeds,

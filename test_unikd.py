@@ -2892,10 +2892,10 @@ def test_demo_runs_end_to_end_and_a_rerun_skips_its_steps(tmp_path):
     assert again.returncode == 0 and again.stdout.count("(earlier run)") == 4 and "== " not in again.stdout
 
 
-def run_grid(tmp_path, teachers, students, methods, seeds):
+def run_grid(tmp_path, teachers, students, methods, seeds, extra=()):
     """A finished tiny grid -> (its command line, its root folder)."""
     grid = ["--stage", "grid", "--teachers", teachers, "--students", students, "--methods", methods,
-            "--seeds", seeds] + TINY_PIPELINE
+            "--seeds", seeds] + TINY_PIPELINE + list(extra)
     res = run(grid, tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return grid, tmp_path / "runs" / "grid"
@@ -2947,13 +2947,45 @@ def test_grid_random_teacher_control_is_the_untrained_architecture_with_its_own_
     assert ake["teacher"] == "fcos_r18" and ake["teacher_weights"].endswith("teacher_random_fcos_r18/model.pth")
     assert "| random_fcos_r18 → fcos_r18 (homogeneous) |" in (root / "results.md").read_text()
 
-def test_grid_runs_a_student_without_kd_once_for_every_teacher(tmp_path, monkeypatch):
+def test_grid_runs_a_student_without_kd_once_for_every_teacher(tmp_path):
     """A `none` cell does not depend on the teacher: every teacher's row reads the same run; KD cells stay apart."""
-    steps = grid.Steps(argparse.Namespace(student_epochs=4), None, None, None)
-    monkeypatch.setattr(steps, "run", lambda out_dir, argv: out_dir)
-    cell = lambda teacher, method: steps.student("r", teacher, "fcos_r18", method, 1, f"ake_{teacher}")  # noqa: E731
-    assert cell("fcos_r34", "none") == cell("random_atss_r34", "none") == os.path.join("r", "none__fcos_r18__s1")
-    assert cell("fcos_r34", "unikd") != cell("atss_r34", "unikd")
+    import train
+    args = train.get_args_parser().parse_args(["--stage", "grid", "--teachers", "fcos_r34,random_atss_r34",
+                                               "--students", "fcos_r18", "--methods", "none,unikd", "--seeds", "1",
+                                               "--output-dir", str(tmp_path)])
+    args.explicit, args.rank, args.distributed = set(), 0, False
+    ran, result = [], lambda ap: {"metrics": {"AP": ap}, "command": "python train.py ..."}  # noqa: E731
+
+    class Recorded(grid.Steps):
+        def teacher_and_ake(self, root, teacher):
+            return result(0.5), result(0.2), f"ake_{teacher}"
+
+        def student(self, out_dir, *cell):
+            ran.append((os.path.relpath(out_dir, tmp_path),) + cell)
+            return result(0.1)
+
+    grid.stage_grid(args, Recorded(args, torch.device("cpu"), train.get_args_parser, None))
+    assert ran == [("none__fcos_r18__s1", "fcos_r18", "none", 1, "ake_fcos_r34"),
+                   ("fcos_r34__fcos_r18__unikd__s1", "fcos_r18", "unikd", 1, "ake_fcos_r34"),
+                   ("random_atss_r34__fcos_r18__unikd__s1", "fcos_r18", "unikd", 1, "ake_random_atss_r34")]
+    rows = [l for l in (tmp_path / "results.md").read_text().splitlines() if "→ fcos_r18" in l]
+    assert len(rows) == 2 and all(l.split(" | ")[1] == "0.100" for l in rows)  # both rows read the one none cell
+
+
+def test_grid_jobs_run_steps_in_worker_processes_with_the_results_of_one_process(tmp_path):
+    """--jobs 2: the steps run in two spawned workers (one thread each here), and every step's metrics equal those
+    of the same steps run one after another in the launcher at the same thread count."""
+    results = {}
+    for jobs in ("1", "2"):
+        (tmp_path / jobs).mkdir()
+        _, root = run_grid(tmp_path / jobs, "fcos_r18", "retinanet_r18_v2", "none,unikd", "0", ["--jobs", jobs])
+        results[jobs] = {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/result.json")}
+    assert sorted(results["2"]) == ["ake_fcos_r18", "fcos_r18__retinanet_r18_v2__unikd__s0",
+                                    "none__retinanet_r18_v2__s0", "teacher_fcos_r18"]
+    for step, result in results["2"].items():
+        assert result["metrics"] == results["1"][step]["metrics"], step
+        assert result["threads"] == results["1"][step]["threads"] == 1 and result["device"] == "cpu"
+    assert_user_error(run(["--stage", "grid", "--jobs", "0"] + TINY_PIPELINE, tmp_path), "--jobs 0")
 
 
 def test_demo_says_plainly_whether_unikd_beat_the_student_alone():

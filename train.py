@@ -110,6 +110,9 @@ def get_args_parser():
     p.add_argument("--teacher-epochs", default=None, type=int, help="--stage demo/grid: teacher training epochs")
     p.add_argument("--pretrain-epochs", default=None, type=int, help="--stage demo/grid: AKE pretraining epochs")
     p.add_argument("--student-epochs", default=None, type=int, help="--stage demo/grid: student epochs")
+    p.add_argument("--jobs", default=1, type=int,
+                   help="--stage demo/grid: steps run at once, each in a worker process with its share of the CPU "
+                        "threads or a GPU of its own (not under torchrun)")
     p.add_argument("--report", action="store_true",
                    help="--stage grid: write results.md from the steps finished so far (partial cells say how many "
                         "seeds they hold); train nothing")
