@@ -238,7 +238,7 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, ancho
         c5 = 512 if arch in ("resnet18", "resnet34") else 2048
         backbone = resnet_fpn_backbone(backbone_name=arch, weights=backbone_weights, norm_layer=norm_layer,
                                        trainable_layers=trainable, returned_layers=[2, 3, 4],
-                                       extra_blocks=LastLevelP6P7(c5 if v2 else 256, 256))
+                                       extra_blocks=P6P7(c5 if v2 else 256, 256))
     else:
         # C2-C5 -> P2-P5, 'pool' = P6 by max-pooling P5 (LastLevelMaxPool)
         backbone = resnet_fpn_backbone(backbone_name=arch, weights=backbone_weights, norm_layer=norm_layer,
@@ -302,6 +302,18 @@ class StageFeatures(nn.Module):
         return out
 
 
+class P6P7(LastLevelP6P7):
+    """torchvision's P6/P7 (stride-2 3x3 convolutions), computed in fp32 under CPU autocast: oneDNN's bf16 weight
+    gradient of a stride-2 convolution over a map one pixel wide is NaN/Inf (torch 2.14), and P6 is such a map for
+    images 64 px wide. These maps are the smallest of the pyramid, so fp32 costs nothing there."""
+
+    def forward(self, p, c, names):
+        if not torch.is_autocast_enabled("cpu"):
+            return super().forward(p, c, names)
+        with torch.autocast("cpu", enabled=False):
+            return super().forward([x.float() for x in p], [x.float() for x in c], names)
+
+
 class StageBackboneFPN(nn.Module):
     """torchvision's ConvNeXt / Swin classification model (ImageNet weights optional), its stages at `strides`, and
     torchvision's FeaturePyramidNetwork on top with the family's extra levels: P6/P7 for one-stage families (from P5,
@@ -316,7 +328,7 @@ class StageBackboneFPN(nn.Module):
         channels_last = arch.startswith("swin")
         channels = self.stage_channels(classifier.features, keep, channels_last)
         if one_stage_extra:
-            extra = LastLevelP6P7(channels[-1] if p6_from_c5 else out_channels, out_channels)
+            extra = P6P7(channels[-1] if p6_from_c5 else out_channels, out_channels)
         else:
             extra = LastLevelMaxPool()
         self.body = StageFeatures(classifier.features, keep, channels, channels_last)

@@ -2355,6 +2355,30 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def test_amp_on_a_cpu_is_bf16_autocast_and_p6_p7_keep_the_fp32_gradients_of_one_pixel_wide_maps():
+    """--amp on a CPU autocasts to bf16. oneDNN's bf16 weight gradient of a stride-2 convolution over a map one pixel
+    wide is NaN/Inf, which P6/P7 meet on 64 px images: they run in fp32 there, so their gradients stay finite and
+    close to a fp32 step's."""
+    import train
+    with train.autocast(argparse.Namespace(amp=True), torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    model = detectors.build_detector("fcos_r18", 9, min_size=64, max_size=64).train()
+    images = [torch.rand(3, 64, 64) for _ in range(4)]
+    targets = [{"boxes": torch.tensor([[5., 6, 40, 50]]), "labels": torch.tensor([1])} for _ in range(4)]
+    assert model.backbone(torch.stack(images))["p6"].shape[-2:] == (1, 1)
+    grads = []
+    for amp in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = sum(model(images, targets).values())
+        loss.backward()
+        extra = model.backbone.fpn.extra_blocks
+        grads.append(torch.cat([extra.p6.weight.grad.flatten(), extra.p7.weight.grad.flatten()]))
+    assert torch.isfinite(grads[1]).all()
+    assert F.cosine_similarity(grads[0].double(), grads[1].double(), 0) > 0.9
+
+
 @pytest.mark.parametrize("where, term, extra", [("loss", "classification", []),
                                                 ("gradient", "bbox_regression", ["--amp"])])
 def test_a_non_finite_loss_or_gradient_stops_at_once_and_leaves_the_last_checkpoint(tmp_path, where, term, extra):

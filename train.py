@@ -74,7 +74,8 @@ def get_args_parser():
                    help="linear warm-up iterations; default 500 (the paper's 1x), 100 (the small-data recipe)")
     p.add_argument("--clip-grad", default=None, type=float,
                    help="max grad norm (default 0.1 for pretrain and Deformable DETR, off otherwise)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU only)")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast (GPU; on a CPU only where it has bf16 matrix units: AMX or AVX512-BF16)")
     p.add_argument("--max-iters", default=None, type=int, help="cap on iterations per epoch (smoke tests)")
     # UniKD (paper defaults)
     p.add_argument("--num-queries", default=200, type=int, help="N, queries per AKE")
@@ -303,8 +304,14 @@ def to_device(images, targets, device):
 
 
 def autocast(args, device):
-    """bf16 autocast on GPU; on CPU it is off (and said so once at start-up)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+    """bf16 autocast with --amp, on a GPU or a CPU (MSDA itself computes in fp32 either way)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+
+def cpu_has_bf16_units():
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16); without them oneDNN emulates
+    bf16 and --amp is slower than fp32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -770,8 +777,8 @@ def main(argv=None):
         device = init_distributed(args)
         torch.manual_seed(args.seed + args.rank)
         data.resolve_sizes(args)
-        if args.amp and device.type != "cuda":
-            log(args, "--amp: bf16 autocast is GPU-only; training in fp32 on CPU")
+        if args.amp and device.type == "cpu" and not cpu_has_bf16_units():
+            log(args, "--amp: this CPU has no bf16 matrix units (AMX, AVX512-BF16); bf16 will be slower than fp32")
         if args.stage in PIPELINES:
             PIPELINES[args.stage](args, grid.Steps(args, device, get_args_parser, STAGES))
         else:
