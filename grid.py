@@ -19,7 +19,8 @@ import torch
 
 import detectors
 from data import resolve_sizes
-from utils import UserError, atomic_write_json, atomic_write_text, canonical_model_name, is_main, log
+from utils import (UserError, atomic_write_json, atomic_write_text, canonical_model_name, cpu_has_bf16_units, is_main,
+                   log)
 
 # flags a demo or grid passes on to each of its steps (data, image size, loader, device, precision, smoke caps)
 PASSED_ON = ("data_path", "train_images", "train_ann", "val_images", "val_ann", "min_size", "max_size",
@@ -28,9 +29,10 @@ PASSED_ON = ("data_path", "train_images", "train_ann", "val_images", "val_ann", 
 SMOKE_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18_v2", shapes_train=32, shapes_val=16,
                       shapes_size=[64, 96], batch_size=4, teacher_epochs=1, pretrain_epochs=1, student_epochs=1,
                       warmup_iters=2, output_dir=os.path.join("runs", "smoke"))
-# ~10 minutes on 2 CPU cores: most of it goes to the teacher (200 iterations), whose AP there is still low
-DEMO_DEFAULTS = dict(teacher="fcos_r34", student="retinanet_r18_v2", shapes_train=400, shapes_val=100,
-                     teacher_epochs=4, pretrain_epochs=1, student_epochs=1, warmup_iters=40)
+# ~10 minutes on 2 CPU cores with bf16 (AMX): most of it goes to the teacher's 800 iterations, after which FCOS-R34
+# from scratch is still on the steep part of its curve (AP 0.13-0.25 in RESULTS.md)
+DEMO_DEFAULTS = dict(teacher="fcos_r34", student="retinanet_r18_v2", shapes_train=800, shapes_val=100,
+                     teacher_epochs=8, pretrain_epochs=2, student_epochs=1, warmup_iters=40)
 # below this teacher AP a demo has too little to distil for a student's gain to mean much
 DEMO_MIN_TEACHER_AP = 0.25
 GRID_DEFAULTS = dict(shapes_train=1000, shapes_val=250, teacher_epochs=12, pretrain_epochs=6, student_epochs=4)
@@ -181,6 +183,9 @@ def stage_demo(args, steps):
     """Teacher -> AKE -> one heterogeneous student without KD and with UniKD; a table of APs and step times. With
     --smoke, the same on a few tiny images for a few iterations: it shows that every stage runs, not what it gains."""
     apply_defaults(args, SMOKE_DEFAULTS if args.smoke else DEMO_DEFAULTS)
+    if not args.smoke and "amp" not in args.explicit and steps.device.type == "cpu" and cpu_has_bf16_units():
+        args.amp = True  # bf16 doubles the images per second where the CPU has AMX / AVX512-BF16 (RESULTS.md)
+        log(args, "demo: bf16 autocast (--amp), this CPU multiplies bf16 in hardware; --no-amp keeps fp32")
     teacher = canonical_model_name(args.teacher, "--teacher")
     student = canonical_model_name(args.student, "--student")
     root = args.output_dir or os.path.join("runs", "demo")

@@ -2912,6 +2912,7 @@ def test_demo_runs_end_to_end_and_a_rerun_skips_its_steps(tmp_path):
         assert "AP" in result["metrics"] and result["command"].startswith("python train.py --stage ")
         recorded = json.loads((tmp_path / "runs" / "demo" / step / "args.json").read_text())
         assert recorded["recipe"] == "small"  # the embedded default's recipe, said in args.json
+        assert recorded["amp"] == utils.cpu_has_bf16_units()  # bf16 where this CPU multiplies it in hardware
     again = run(demo, tmp_path)
     assert again.returncode == 0 and again.stdout.count("(earlier run)") == 4 and "== " not in again.stdout
 

@@ -12,6 +12,7 @@ Multi-GPU: `torchrun --nproc_per_node=8 train.py ...` (NCCL on GPUs, gloo on CPU
 stage uses the embedded synthetic dataset (shapes.py). Ctrl-C or SIGTERM stops training after the current
 iteration with a checkpoint, and prints the command that continues it.
 """
+import argparse
 import contextlib
 import glob
 import json
@@ -35,7 +36,7 @@ import store
 import unikd
 from eval import AKEDetector, attention_in_image, evaluate
 from utils import (AKE_FILE_KIND, CHECKPOINT_KIND, MODEL_KIND, ArgumentParser, UserError, atomic_save,
-                   atomic_write_json, canonical_model_name, explicit_flags, file_sha256, frozen_unikd,
+                   atomic_write_json, canonical_model_name, cpu_has_bf16_units, explicit_flags, file_sha256, frozen_unikd,
                    init_distributed, is_main, load_ake_file, load_user_file, log, report_user_error)
 
 
@@ -74,8 +75,9 @@ def get_args_parser():
                    help="linear warm-up iterations; default 500 (the paper's 1x), 100 (the small-data recipe)")
     p.add_argument("--clip-grad", default=None, type=float,
                    help="max grad norm (default 0.1 for pretrain and Deformable DETR, off otherwise)")
-    p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast (GPU; on a CPU only where it has bf16 matrix units: AMX or AVX512-BF16)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast (GPU; on a CPU only where it has bf16 matrix units: AMX or AVX512-BF16); "
+                        "--stage demo turns it on where the CPU has them, --no-amp keeps fp32")
     p.add_argument("--max-iters", default=None, type=int, help="cap on iterations per epoch (smoke tests)")
     # UniKD (paper defaults)
     p.add_argument("--num-queries", default=200, type=int, help="N, queries per AKE")
@@ -307,11 +309,6 @@ def autocast(args, device):
     """bf16 autocast with --amp, on a GPU or a CPU (MSDA itself computes in fp32 either way)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp)
 
-
-def cpu_has_bf16_units():
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16); without them oneDNN emulates
-    bf16 and --amp is slower than fp32."""
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -199,3 +199,9 @@ def frozen_unikd(ake_file):
     model = unikd.UniKD(**ake_file["config"])
     model.load_state_dict(ake_file["state_dict"])
     return model.freeze()
+
+
+def cpu_has_bf16_units():
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16); without them oneDNN emulates
+    bf16 and --amp is slower than fp32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
