@@ -36,8 +36,8 @@ import store
 import unikd
 from eval import AKEDetector, attention_in_image, evaluate
 from utils import (AKE_FILE_KIND, CHECKPOINT_KIND, MODEL_KIND, ArgumentParser, UserError, atomic_save,
-                   atomic_write_json, canonical_model_name, cpu_has_bf16_units, explicit_flags, file_sha256, frozen_unikd,
-                   init_distributed, is_main, load_ake_file, load_user_file, log, report_user_error)
+                   atomic_write_json, canonical_model_name, cpu_has_bf16_units, explicit_flags, file_sha256,
+                   frozen_unikd, init_distributed, is_main, load_ake_file, load_user_file, log, report_user_error)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -308,7 +308,6 @@ def to_device(images, targets, device):
 def autocast(args, device):
     """bf16 autocast with --amp, on a GPU or a CPU (MSDA itself computes in fp32 either way)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp)
-
 
 
 # ----------------------------------------------------------------------------------------------------------------------
