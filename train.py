@@ -86,9 +86,9 @@ def get_args_parser():
                    help="deformable self-attention layers in phi (default: 2 for unikd, 1 for fitnet, as the paper)")
     p.add_argument("--lambda-ct", default=10.0, type=float, help="lambda_1 of Eq. (7)")
     p.add_argument("--lambda-pos", default=10.0, type=float, help="lambda_2 of Eq. (7)")
-    p.add_argument("--fitnet-weight", default=1.0, type=float,
-                   help="weight of the FitNet feature loss; default 1, the best of 0.05, 0.2 and 1 on a heterogeneous "
-                        "pair of the grid (RESULTS.md, 'FitNet's weight')")
+    p.add_argument("--fitnet-weight", default=10.0, type=float,
+                   help="weight of the FitNet feature loss; default 10, the best of 0.05, 0.2, 1, 3 and 10 on a "
+                        "heterogeneous pair of the grid (RESULTS.md, 'FitNet's weight')")
     # offline KD (paper sec. 3.3)
     p.add_argument("--offline", default=None, metavar="STORE",
                    help="--stage distill: read the teacher's knowledge from a --stage dump store; no teacher is run")
@@ -575,7 +575,7 @@ class Distiller(torch.nn.Module):
     """Student + adapter phi (+ frozen AKEs): one module for DDP, the optimizer and checkpoints.
     forward -> the student's detection losses + the KD loss of its method."""
 
-    def __init__(self, student, method, akes=None, adapter_layers=2, lambdas=(10.0, 10.0), fitnet_weight=1.0):
+    def __init__(self, student, method, akes=None, adapter_layers=2, lambdas=(10.0, 10.0), fitnet_weight=10.0):
         super().__init__()
         self.student, self.method, self.lambdas, self.fitnet_weight = student, method, lambdas, fitnet_weight
         channels = detectors.fpn_channels(student)
