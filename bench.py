@@ -419,11 +419,13 @@ def detector_speed(names, runs, batch_size, image_hw, num_classes=9):
         print(f"| {name} | {params:.1f} | {ms:.0f} | {batch_size * 1e3 / ms:.2f} | {first / ms:.2f} |", flush=True)
 
 
-def kd_cost(args, device, kd_loss_fn, teacher, student, optimizer, train_loader, step_context, to_device,
+def kd_cost(args, device, kd_loss_fn, teacher, distiller, optimizer, train_loader, step_context, to_device,
             offline=False):
     """Median step times, alternating on the same batches after 2 warm-up steps each: online distillation vs the
     same step without KD (teacher forward + student train step); with offline, also the offline step (stored
-    knowledge, no teacher) and the teacher forward alone, to project offline/online for a costlier teacher."""
+    knowledge, no teacher) and the teacher forward alone, to project offline/online for a costlier teacher; for
+    UniKD, then the parts of its overhead timed one by one on the same batches (unikd_parts)."""
+    student = distiller.student
     if teacher is None:
         raise UserError("--kd-cost times the KD overhead; it needs --method unikd or fitnet")
 
@@ -471,7 +473,57 @@ def kd_cost(args, device, kd_loss_fn, teacher, student, optimizer, train_loader,
                   f"a teacher 10x costlier: {projected:.3f}")
         result.update(offline_s=t["offline"], teacher_s=t["teacher"], offline_ratio=t["offline"] / t["online"],
                       offline_ratio_10x_teacher=projected)
+    if args.method == "unikd":
+        batches = [to_device(*b, device) for b in itertools.islice(itertools.cycle(train_loader), args.kd_cost + 2)]
+        parts = unikd_parts(distiller, teacher, batches, step_context, device)
+        log(args, f"UniKD's overhead by part (median over the same batches): teacher side {parts['teacher_side_s'] * 1e3:.0f}"
+                  f" ms, phi forward + backward {parts['phi_s'] * 1e3:.0f} ms, student side forward + backward "
+                  f"{parts['student_side_s'] * 1e3:.0f} ms; sum {sum(parts.values()) * 1e3:.0f} ms against online - plain "
+                  f"{(t['online'] - t['plain']) * 1e3:.0f} ms")
+        result.update(parts)
     return result
+
+
+def unikd_parts(distiller, teacher, batches, step_context, device, warmup=2):
+    """Median seconds of the three parts of UniKD's online overhead, each timed alone on each batch's features: the
+    teacher side (both AKEs' queries and z^T from F^T, no gradient), phi(F^S) forward + backward, and the student
+    side (the frozen extractors on phi(F^S) and Eq. 8, forward + backward into phi(F^S))."""
+    def seconds(fn):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    times = {"teacher_side_s": [], "phi_s": [], "student_side_s": []}
+    for i, (images, targets) in enumerate(batches):
+        with torch.no_grad(), step_context():
+            teacher_feats = detectors.forward_features(teacher, images, targets).features
+            out = detectors.forward_with_features(distiller.student, images, targets)
+        student_feats = [f.detach().requires_grad_() for f in out.features]
+        targets = detectors.normalized_targets(out)
+        with torch.no_grad(), step_context():
+            knowledge = distiller.unikd.teacher_knowledge(teacher_feats, targets)
+            adapted = [f.detach().requires_grad_() for f in distiller.adapter(student_feats)]
+
+        def teacher_side():
+            with torch.no_grad(), step_context():
+                distiller.unikd.teacher_knowledge(teacher_feats, targets)
+
+        def phi():
+            with step_context():
+                sum(f.float().sum() for f in distiller.adapter(student_feats)).backward()
+
+        def student_side():
+            with step_context():
+                sum(distiller.unikd.student_loss(knowledge, adapted).values()).backward()
+
+        for key, fn in zip(times, (teacher_side, phi, student_side)):
+            t = seconds(fn)
+            if i >= warmup:
+                times[key].append(t)
+    distiller.zero_grad(set_to_none=True)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 if __name__ == "__main__":

@@ -750,12 +750,14 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
         weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
         ref = reference_points[:, :, None, :, None, :]                            # [B, Q, 1, L, 1, 2|4]
+        # one fused pass over the [B, Q, H, L, P, 2] offsets (addcmul): a chain of broadcast operations would make one
+        # pass each, and these tensors are as large as the sampled values
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (W_l, H_l)
             wh = spatial_shapes.flip(-1).to(device=offsets.device, dtype=offsets.dtype)   # [L, 2]
-            return ref + offsets / wh[None, None, None, :, None, :], weights
+            return torch.addcmul(ref, offsets, 1.0 / wh[None, None, None, :, None, :]), weights
         # offsets are relative to the box: P points spread over half its width/height
-        return ref[..., :2] + offsets / P * ref[..., 2:] * 0.5, weights
+        return torch.addcmul(ref[..., :2], offsets, ref[..., 2:] * (0.5 / P)), weights
 
     def read(self, value_input, spatial_shapes, level_start_index, locations, weights, padding_mask=None):
         """out [B, Q, D] of `forward` from `sampling`'s locations and weights: the projected sum of the sampled,

@@ -101,7 +101,8 @@ def get_args_parser():
                    help="--stage dump: images per shard file (a killed dump resumes at the first unfinished shard)")
     p.add_argument("--kd-cost", default=0, type=int, metavar="STEPS",
                    help="--stage distill: instead of training, time STEPS online KD steps against teacher forward + "
-                        "student step (no KD) on the same batches, print the medians and their ratio (bench.py)")
+                        "student step (no KD) on the same batches, print the medians and their ratio, and for UniKD "
+                        "the parts of its overhead (teacher side, phi, student side; bench.py)")
     # demo and grid (the paper's Table 2 in miniature): schedules of their steps
     p.add_argument("--smoke", action="store_true",
                    help="--stage demo: every stage on a few tiny images for a few iterations (about 30 s on a CPU)")
@@ -659,7 +660,7 @@ def stage_distill(args, device):
 
     if args.kd_cost:
         import bench  # tooling: only this flag needs it
-        return bench.kd_cost(args, device, loss_fn, teacher, student, detector_optimizer(model, args), train_loader,
+        return bench.kd_cost(args, device, loss_fn, teacher, model, detector_optimizer(model, args), train_loader,
                              lambda: autocast(args, device), to_device, offline=knowledge_store is not None)
 
     def save(epoch, metrics):

@@ -246,7 +246,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, d_model=256, n_heads=8, n_levels=4, n_points=4, dim_ffn=1024, dropout=0.0):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)   # sequence-first: self_attention
         self.norm_self = nn.LayerNorm(d_model)
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.norm_cross = nn.LayerNorm(d_model)
@@ -258,8 +258,8 @@ class DecoderLayer(nn.Module):
         """tgt [B, N, C]; query_pos [B, N, C] or None; reference [B, N, 2|4] normalised; memory a FeatureMemory
         -> tgt [B, N, C]. With return_sampling, (tgt, (sampling locations [B, N, H, L, P, 2], attention weights
         [B, N, H, L, P])): where the queries read the levels."""
-        q = k = tgt if query_pos is None else tgt + query_pos
-        tgt = self.norm_self(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        q = tgt if query_pos is None else tgt + query_pos
+        tgt = self.norm_self(tgt + self.dropout(self.self_attention(q, tgt)))
         query = tgt if query_pos is None else tgt + query_pos
         # one normalised reference for every level, no padding masks (valid ratio 1): coordinates are relative to the
         # padded batch tensor
@@ -269,6 +269,15 @@ class DecoderLayer(nn.Module):
         tgt = self.norm_cross(tgt + self.dropout(out))
         tgt = self.norm_ffn(tgt + self.dropout(self.ffn(tgt)))
         return (tgt, (locations, weights)) if return_sampling else tgt
+
+    def self_attention(self, q, v):
+        """Attention among the queries of each image: queries = keys q, values v, both [B, N, C] -> [B, N, C].
+        nn.MultiheadAttention runs sequence-first on contiguous copies: handed batch-first tensors, it projects
+        transposed views, which a CPU under bf16 autocast multiplies as N batched products over N copies of the
+        weight (RESULTS.md, "KD cost per step")."""
+        q_seq = q.transpose(0, 1).contiguous()                                        # [N, B, C]
+        v_seq = q_seq if v is q else v.transpose(0, 1).contiguous()  # v is q: one packed in-projection
+        return self.self_attn(q_seq, q_seq, v_seq, need_weights=False)[0].transpose(0, 1)
 
 
 class EncoderLayer(nn.Module):
