@@ -210,6 +210,8 @@ def _build_torchvision_family(name, family, num_classes, coco_weights, backbone_
         model = builder(weights=coco_weights, weights_backbone=backbone_weights,
                         num_classes=None if coco_weights is not None else num_classes, **kwargs)
         _swap_anchor_generator(model, family, name, anchor_generator)
+        if type(model.backbone.fpn.extra_blocks) is LastLevelP6P7:
+            model.backbone.fpn.extra_blocks.__class__ = P6P7  # the same parameters; fp32 under CPU autocast
     else:
         model = _build_from_parts(family, backbone_arch(name), num_classes, backbone_weights, kwargs,
                                   anchor_generator, v2=name.endswith("_v2"))

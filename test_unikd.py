@@ -418,14 +418,18 @@ def test_msdeformattn_backends_agree_and_all_parameters_get_gradients():
     for p in module.parameters():                      # move off the init so every path matters
         p.data.add_(0.1 * torch.randn_like(p))
     query, ref, value_input, spatial_shapes, level_start_index = module_inputs(B=1, Q=2, D=16, ref_dim=4)
-    outs = {}
+    with torch.no_grad():   # the module written out with the grid_sample formulation
+        locations, weights = module.sampling(query, ref, spatial_shapes)
+        value = module.value_proj(value_input).view(1, -1, 2, 8)
+        want = module.output_proj(msda.ms_deform_attn_grid_sample(value, spatial_shapes, level_start_index,
+                                                                  locations, weights))
     for backend in BACKENDS:
         module.backend = backend
         module.zero_grad()
-        outs[backend] = module(query, ref, value_input, spatial_shapes, level_start_index)
-        outs[backend].square().sum().backward()
+        out = module(query, ref, value_input, spatial_shapes, level_start_index)
+        out.square().sum().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
-    torch.testing.assert_close(outs["torch"], outs[BACKENDS[-1]], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(msda.triton is None, reason="triton not installed")
@@ -2109,17 +2113,24 @@ def test_identical_features_with_identity_adapter_give_zero_kd_loss():
     assert all(v.item() == 0 for v in losses.values())
 
 
-def test_offline_knowledge_per_image_round_trip_equals_online():
+def test_each_images_knowledge_computed_alone_is_its_row_of_the_batchs():
+    """What makes a per-image store valid: the teacher side of Eq. (7) for one image alone (the same generator, drawn
+    in the same image order) equals that image's row of the batch's, and the rows stacked back give the batch's loss."""
     g = torch.Generator().manual_seed(12)
     model = frozen_unikd()
     tf, sf, targets = feats(2, g), feats(2, g), random_targets([2, 3], 3, g)
+    batch = model.teacher_knowledge(tf, targets, torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    alone = [model.teacher_knowledge([f[i:i + 1] for f in tf], targets[i:i + 1], generator) for i in range(2)]
+    for k in unikd.Knowledge._fields:
+        for i in range(2):
+            torch.testing.assert_close(getattr(alone[i], k)[0], getattr(batch, k)[i], rtol=1e-5, atol=1e-6)
+    stacked = unikd.Knowledge(*(torch.cat([getattr(a, k) for a in alone]) for k in unikd.Knowledge._fields))
     online = model.distill_loss(tf, sf, targets, generator=torch.Generator().manual_seed(1))
-    knowledge = model.teacher_knowledge(tf, targets, torch.Generator().manual_seed(1))
-    rows = [{k: v[i].clone() for k, v in knowledge._asdict().items()} for i in range(2)]  # what a dump stores
-    restored = unikd.Knowledge(*(torch.stack([r[k] for r in rows]) for k in unikd.Knowledge._fields))
-    offline = model.student_loss(restored, sf)
-    assert all(torch.equal(online[k], offline[k]) for k in online)
-    assert knowledge.pos_mask_pos.sum(1).tolist() == [2, 3] and knowledge.pos_mask_ct.sum(1).tolist() == [2, 3]
+    offline = model.student_loss(stacked, sf)
+    for k in online:
+        torch.testing.assert_close(offline[k], online[k], rtol=1e-5, atol=1e-6)
+    assert batch.pos_mask_pos.sum(1).tolist() == [2, 3] and batch.pos_mask_ct.sum(1).tolist() == [2, 3]
 
 
 def test_attention_in_image_share_in_closed_forms():
@@ -2145,10 +2156,50 @@ def test_attention_in_image_share_in_closed_forms():
     _, share = set_offsets(1e3)
     assert share(torch.ones(2, 2)) == [0.0, 0.0]
 
-def test_adapter_shapes():
+def plain_adapter(adapter, levels):
+    """phi written out: the 1x1 projection, then per layer every pixel of every level queries MSDA (grid_sample doing
+    the sampling) with its own centre ((j + 0.5) / W_l, (i + 0.5) / H_l) as reference on all levels and its level's
+    embedding as position; residual and LayerNorm, then the FFN where the layer has one."""
+    x = [F.conv2d(f, adapter.proj.weight, adapter.proj.bias) for f in levels]
+    B, C = x[0].shape[:2]
+    hw = [tuple(f.shape[-2:]) for f in x]
+    src = torch.cat([f.flatten(2).transpose(1, 2) for f in x], 1)                        # [B, S, C]
+    S = src.shape[1]
+    pos = torch.cat([e.expand(h * w, C) for e, (h, w) in zip(adapter.level_embed, hw)])
+    ref = torch.tensor([[(j + 0.5) / w, (i + 0.5) / h] for h, w in hw for i in range(h) for j in range(w)])
+    shapes = torch.tensor(hw)
+    starts = torch.tensor([0] + list(itertools.accumulate(h * w for h, w in hw))[:-1])
+    for layer in adapter.layers:
+        a = layer.self_attn
+        H, L, P = a.n_heads, a.n_levels, a.n_points
+        q = src + pos
+        offsets = F.linear(q, a.sampling_offsets.weight, a.sampling_offsets.bias).view(B, S, H, L, P, 2)
+        weights = F.softmax(F.linear(q, a.attention_weights.weight, a.attention_weights.bias).view(B, S, H, L * P), -1)
+        pixels = torch.tensor([[w, h] for h, w in hw], dtype=torch.float32).view(1, 1, 1, L, 1, 2)
+        loc = ref.view(1, S, 1, 1, 1, 2) + offsets / pixels
+        value = F.linear(src, a.value_proj.weight, a.value_proj.bias).view(B, S, H, C // H)
+        sampled = msda.ms_deform_attn_grid_sample(value, shapes, starts, loc, weights.view(B, S, H, L, P))
+        src = layer.norm_attn(src + F.linear(sampled, a.output_proj.weight, a.output_proj.bias))
+        if layer.ffn is not None:
+            src = layer.norm_ffn(src + layer.ffn(src))
+    return [s.transpose(1, 2).reshape(B, C, h, w) for s, (h, w) in zip(src.split([h * w for h, w in hw], 1), hw)]
+
+
+@pytest.mark.parametrize("dim_ffn", [0, 64])   # phi's default (no FFN) and Deformable DETR's encoder layer
+def test_adapter_equals_phi_written_out(dim_ffn):
     g = torch.Generator().manual_seed(13)
-    out = unikd.Adapter(16, d_model=32, num_layers=2, n_heads=4, dim_ffn=64)(feats(2, g, 16))
-    assert [tuple(o.shape) for o in out] == [(2, 32, h, w) for h, w in SHAPES]
+    torch.manual_seed(13)
+    adapter = unikd.Adapter(16, d_model=32, num_layers=2, n_heads=4, dim_ffn=dim_ffn)
+    for layer in adapter.layers:   # away from the zero offset/attention init, so where each pixel reads matters
+        for p in layer.self_attn.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    shapes = [(6, 8), (3, 4), (2, 2), (1, 2)]   # not square: x and y must not be swapped
+    levels = [torch.randn(2, 16, h, w, generator=g) for h, w in shapes]
+    with torch.no_grad():
+        out, want = adapter(levels), plain_adapter(adapter, levels)
+    assert [tuple(o.shape) for o in out] == [(2, 32, h, w) for h, w in shapes]
+    for o, w in zip(out, want):
+        torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5)
 
 
 def test_postprocess_topk_over_queries_and_classes():
@@ -2177,8 +2228,8 @@ def test_parameter_counts_at_defaults():
     common = 2 * layer_params(c, 1024) + 4 * c + (c * k + k) + 2 * (c * c + c) + (c * 4 + 4)
     assert counts["ake_ct"] == common + n * 2 * c + (2 * c + 2)
     assert counts["ake_pos"] == common + (4 * c + c)
-    assert counts["total"] == counts["ake_ct"] + counts["ake_pos"]
-    print(counts)
+    heads = (c * k + k) + 2 * (c * c + c) + (c * 4 + 4)   # class head + box MLP, per AKE: pretraining only
+    assert counts["total_without_heads"] == counts["ake_ct"] + counts["ake_pos"] - 2 * heads
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2396,15 +2447,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_amp_on_a_cpu_is_bf16_autocast_and_p6_p7_keep_the_fp32_gradients_of_one_pixel_wide_maps():
+@pytest.mark.parametrize("name,min_cosine", [("fcos_r18", 0.9),          # built from parts
+                                             ("retinanet_r50_v2", 0.0)])  # by torchvision's builder
+def test_amp_on_a_cpu_is_bf16_autocast_and_p6_p7_keep_the_fp32_gradients_of_one_pixel_wide_maps(name, min_cosine):
     """--amp on a CPU autocasts to bf16. oneDNN's bf16 weight gradient of a stride-2 convolution over a map one pixel
-    wide is NaN/Inf, which P6/P7 meet on 64 px images: they run in fp32 there, so their gradients stay finite and
-    close to a fp32 step's."""
+    wide is NaN/Inf, which P6/P7 meet on 64 px images: they run in fp32 there, so their gradients stay finite (and for
+    FCOS-R18 close to a fp32 step's; at RetinaNet-R50 v2's initialisation the bf16 heads pass back gradients that
+    agree with fp32's at cosine ~0.3 only)."""
     import train
     with train.autocast(argparse.Namespace(amp=True), torch.device("cpu")):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     torch.manual_seed(0)
-    model = detectors.build_detector("fcos_r18", 9, min_size=64, max_size=64).train()
+    model = detectors.build_detector(name, 9, min_size=64, max_size=64).train()
     images = [torch.rand(3, 64, 64) for _ in range(4)]
     targets = [{"boxes": torch.tensor([[5., 6, 40, 50]]), "labels": torch.tensor([1])} for _ in range(4)]
     assert model.backbone(torch.stack(images))["p6"].shape[-2:] == (1, 1)
@@ -2416,8 +2470,8 @@ def test_amp_on_a_cpu_is_bf16_autocast_and_p6_p7_keep_the_fp32_gradients_of_one_
         loss.backward()
         extra = model.backbone.fpn.extra_blocks
         grads.append(torch.cat([extra.p6.weight.grad.flatten(), extra.p7.weight.grad.flatten()]))
-    assert torch.isfinite(grads[1]).all()
-    assert F.cosine_similarity(grads[0].double(), grads[1].double(), 0) > 0.9
+    assert torch.isfinite(grads[1]).all() and grads[1].abs().sum() > 0
+    assert F.cosine_similarity(grads[0].double(), grads[1].double(), 0) > min_cosine
 
 
 @pytest.mark.parametrize("where, term, extra", [("loss", "classification", []),
@@ -2664,7 +2718,16 @@ def pretrained(tmp_path_factory):
 def test_distill_uses_newest_ake_and_writes_student(pretrained):
     import detectors
     cwd, one = pretrained
-    res = run(["--stage", "distill", "--student", "retinanet_r18"] + one, cwd)
+    # a second AKE whose name sorts after the real one's but that is older: the newest by time is the one used
+    older = cwd / "runs" / "pretrain_zz_older" / "ake.pth"
+    older.parent.mkdir()
+    shutil.copy(cwd / "runs" / "pretrain_fcos_r18" / "ake.pth", older)
+    newest = os.path.getmtime(cwd / "runs" / "pretrain_fcos_r18" / "ake.pth")
+    os.utime(older, (newest - 60, newest - 60))
+    try:
+        res = run(["--stage", "distill", "--student", "retinanet_r18"] + one, cwd)
+    finally:
+        shutil.rmtree(older.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "runs/pretrain_fcos_r18/ake.pth" in res.stdout.splitlines()[0]
     state = torch.load(cwd / "runs" / "distill_retinanet_r18" / "student.pth", map_location="cpu")
@@ -2684,7 +2747,7 @@ def test_kd_cost_times_the_step_and_the_parts_of_unikds_overhead_and_writes_no_r
         assert (parts is not None) == (method == "unikd"), res.stdout
         if parts:
             side, phi, student, total = map(int, parts.groups())
-            assert min(side, phi, student) > 0 and abs(side + phi + student - total) <= 2
+            assert min(side, phi, student) >= 0 and abs(side + phi + student - total) <= 2
     assert sorted(os.listdir(cwd / "runs")) == before  # timing only: no run folder
 
 
@@ -2822,12 +2885,22 @@ def test_dump_round_trip_and_storage_report(dumped):
                           str(cwd / "data" / "shapes_8x4_64x64_s0" / "annotations" / "instances_train2017.json"),
                           train=True, min_size=64, max_size=64)
     assert m["image_ids"] == sorted(ds.ids)
+    annotations = json.load(open(cwd / "data" / "shapes_8x4_64x64_s0" / "annotations" / "instances_train2017.json"))
     for image_id in ds.ids:
+        # each entry is this image's, in this flip state: Eq. (3)'s row i jitters GT i (IoU > alpha = 0.6), the GTs
+        # read from the JSON (64 x 64 images: no resize) and mirrored by hand for flip 1
+        gt = torch.tensor([[x, y, x + w, y + h] for a in annotations["annotations"] if a["image_id"] == image_id
+                           for x, y, w, h in [a["bbox"]]])
         for flip in (False, True):
             k = store.knowledge([{"image_id": image_id, "flipped": flip}], (64, 64), torch.device("cpu"))
             assert k.z_ct.shape == (1, 20, 256) and k.z_ct.dtype == torch.float32
             assert k.reference_ct.shape == (1, 20, 2) and k.boxes.shape == (1, 20, 4) and k.pos_mask_ct.dtype == torch.bool
-            assert torch.isfinite(k.z_pos).all() and k.pos_mask_pos.any()
+            assert torch.isfinite(k.z_pos).all()
+            want = torch.stack([64 - gt[:, 2], gt[:, 1], 64 - gt[:, 0], gt[:, 3]], 1) if flip else gt
+            n = int(k.pos_mask_pos.sum())
+            assert n == len(gt) and k.pos_mask_pos[0, :n].all()
+            rows = box_convert(k.boxes[0, :n], "cxcywh", "xyxy") * 64
+            assert (box_iou(rows, want).diagonal() > 0.6).all(), (image_id, flip)
     rec = store.records([ds.ids[0]], [1])[0]
     assert rec["z_ct"].dtype == np.float16 and rec["flip"] == 1 and tuple(rec["padded_hw"]) == (64, 64)
     # storage: bytes per image by hand (4 fp16 [N, C] tensors, fp32 points and boxes, masks, id/padded_hw/flip)
@@ -2870,6 +2943,15 @@ def test_torchrun_dump_writes_each_ranks_shards_into_the_same_store(dumped, tmp_
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     with open(tmp_path / "store" / "manifest.json") as f, open(store_dir / "manifest.json") as g:
         assert json.load(f) == json.load(g)
+    # and the entries themselves: every image and flip state as the one-process dump stored it (within fp16; a rank
+    # runs with its own thread count)
+    two, one_process = (knowledge_store.KnowledgeStore(str(p)) for p in (tmp_path / "store", store_dir))
+    for image_id in one_process.manifest["image_ids"]:
+        for flip in (False, True):
+            got, want = (s.knowledge([{"image_id": image_id, "flipped": flip}], (64, 64), torch.device("cpu"))
+                         for s in (two, one_process))
+            for k in unikd.Knowledge._fields:
+                torch.testing.assert_close(getattr(got, k), getattr(want, k), rtol=1e-2, atol=1e-2)
 
 
 def test_offline_distill_trains_without_a_teacher(dumped):
