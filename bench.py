@@ -476,9 +476,10 @@ def kd_cost(args, device, kd_loss_fn, teacher, distiller, optimizer, train_loade
     if args.method == "unikd":
         batches = [to_device(*b, device) for b in itertools.islice(itertools.cycle(train_loader), args.kd_cost + 2)]
         parts = unikd_parts(distiller, teacher, batches, step_context, device)
-        log(args, f"UniKD's overhead by part (median over the same batches): teacher side {parts['teacher_side_s'] * 1e3:.0f}"
-                  f" ms, phi forward + backward {parts['phi_s'] * 1e3:.0f} ms, student side forward + backward "
-                  f"{parts['student_side_s'] * 1e3:.0f} ms; sum {sum(parts.values()) * 1e3:.0f} ms against online - plain "
+        ms = {k: f"{v * 1e3:.0f}" for k, v in parts.items()}
+        log(args, f"UniKD's overhead by part (median over the same batches): teacher side {ms['teacher_side_s']} ms, "
+                  f"phi forward + backward {ms['phi_s']} ms, student side forward + backward {ms['student_side_s']} "
+                  f"ms; sum {sum(parts.values()) * 1e3:.0f} ms against online - plain "
                   f"{(t['online'] - t['plain']) * 1e3:.0f} ms")
         result.update(parts)
     return result

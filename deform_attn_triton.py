@@ -336,7 +336,8 @@ def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_ou
                 _scatter_value_grad(grad_table, taps, g, source)
             if need_taps:
                 # w = a * wy * wx per corner (y, x): chain rule through the separable bilinear weights
-                gw = _tap_grads(table, taps, g, sparse=value.device.type == "cpu").view(-1, 2, 2, LP)             # [n, 2 (y), 2 (x), L*P]
+                gw = _tap_grads(table, taps, g, sparse=value.device.type == "cpu")
+                gw = gw.view(-1, 2, 2, LP)                                     # [n, 2 (y), 2 (x), L*P]
                 wx, wy = taps.tent[:, 0], taps.tent[:, 1]                      # [n, 2, L*P]
                 per_y = torch.addcmul(gw[:, :, 0] * wx[:, 0:1], gw[:, :, 1], wx[:, 1:2])   # [n, 2 (y), L*P]
                 per_x = torch.addcmul(gw[:, 0] * wy[:, 0:1], gw[:, 1], wy[:, 1:2])         # [n, 2 (x), L*P]

@@ -207,7 +207,6 @@ def stage_demo(args, steps):
     return {"rows": [(s, m, r["metrics"], r["seconds"]) for s, m, r in rows]}
 
 
-
 def demo_verdict(teacher, alone, unikd):
     """What the demo's APs say, plainly: whether there was anything to distil, and whether UniKD beat the student
     alone (one seed: a difference within ~0.005 AP is not a gain)."""
@@ -222,6 +221,7 @@ def demo_verdict(teacher, alone, unikd):
         return f"UniKD beat the student alone by {unikd - alone:+.3f} AP ({unikd:.3f} against {alone:.3f}), one seed."
     return (f"In this budget UniKD did not beat the student alone (AP {unikd:.3f} against {alone:.3f}); the grid's "
             f"longer schedule and seeds (--stage grid) are where a gain can show.")
+
 
 def stage_grid(args, steps):
     """The paper's Table 2 in miniature: every (teacher, student, method, seed) cell trains and evaluates on its
