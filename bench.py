@@ -488,13 +488,14 @@ def kd_cost(args, device, kd_loss_fn, teacher, distiller, optimizer, train_loade
 def unikd_parts(distiller, teacher, batches, step_context, device, warmup=2):
     """Median seconds of the three parts of UniKD's online overhead, each timed alone on each batch's features: the
     teacher side (both AKEs' queries and z^T from F^T, no gradient), phi(F^S) forward + backward, and the student
-    side (the frozen extractors on phi(F^S) and Eq. 8, forward + backward into phi(F^S))."""
-    def seconds(fn):
+    side (the frozen extractors on phi(F^S) and Eq. 8, forward + backward into phi(F^S)). Each part's output is
+    the next one's input, so nothing is computed twice."""
+    def timed(fn):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, out
 
     times = {"teacher_side_s": [], "phi_s": [], "student_side_s": []}
     for i, (images, targets) in enumerate(batches):
@@ -503,25 +504,27 @@ def unikd_parts(distiller, teacher, batches, step_context, device, warmup=2):
             out = detectors.forward_with_features(distiller.student, images, targets)
         student_feats = [f.detach().requires_grad_() for f in out.features]
         targets = detectors.normalized_targets(out)
-        with torch.no_grad(), step_context():
-            knowledge = distiller.unikd.teacher_knowledge(teacher_feats, targets)
-            adapted = [f.detach().requires_grad_() for f in distiller.adapter(student_feats)]
 
         def teacher_side():
             with torch.no_grad(), step_context():
-                distiller.unikd.teacher_knowledge(teacher_feats, targets)
+                return distiller.unikd.teacher_knowledge(teacher_feats, targets)
 
         def phi():
             with step_context():
-                sum(f.float().sum() for f in distiller.adapter(student_feats)).backward()
+                adapted = distiller.adapter(student_feats)
+            sum(f.float().sum() for f in adapted).backward()
+            return [f.detach().requires_grad_() for f in adapted]
+
+        t_teacher, knowledge = timed(teacher_side)
+        t_phi, adapted = timed(phi)
 
         def student_side():
             with step_context():
                 sum(distiller.unikd.student_loss(knowledge, adapted).values()).backward()
 
-        for key, fn in zip(times, (teacher_side, phi, student_side)):
-            t = seconds(fn)
-            if i >= warmup:
+        t_student, _ = timed(student_side)
+        if i >= warmup:
+            for key, t in zip(times, (t_teacher, t_phi, t_student)):
                 times[key].append(t)
     distiller.zero_grad(set_to_none=True)
     return {k: statistics.median(v) for k, v in times.items()}
