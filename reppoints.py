@@ -17,6 +17,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.detection import RetinaNet, _utils as det_utils
 from torchvision.ops import box_iou, deform_conv2d, sigmoid_focal_loss
 
@@ -32,6 +33,29 @@ def kernel_grid(kernel=3):
     r = torch.arange(kernel, dtype=torch.float32) - (kernel - 1) / 2
     ys, xs = torch.meshgrid(r, r, indexing="ij")
     return torch.stack([ys.flatten(), xs.flatten()], 1).flatten()
+
+
+def deform_conv3x3(x, offset, weight):
+    """torchvision.ops.deform_conv2d(x, offset, weight, padding=1) for a 3x3 kernel, stride 1, one offset group:
+    x [N, C, H, W], offset [N, 18, H, W] ((y, x) per tap), weight [O, C, 3, 3] -> [N, O, H, W].
+
+    On a GPU, torchvision's op. On a CPU the same numbers as bilinear sampling (grid_sample, zeros outside the map,
+    as deform_conv2d's corners) of every tap, then one matrix product: torchvision's CPU kernel computes its
+    backward ~5x slower than grid_sample's, and has no bf16 (this path samples in fp32 and leaves the product
+    to autocast)."""
+    if x.device.type != "cpu":
+        return deform_conv2d(x, offset, weight, padding=1)
+    N, C, H, W = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 sampling coordinates would be off by ~W/256 pixels
+    taps = kernel_grid(3).to(x.device, dtype).view(1, -1, 2, 1, 1)                        # [1, 9, 2, 1, 1]
+    rows = torch.arange(H, device=x.device, dtype=dtype).view(H, 1)
+    cols = torch.arange(W, device=x.device, dtype=dtype).view(1, W)
+    at = offset.to(dtype).view(N, -1, 2, H, W) + taps                                     # [N, 9, 2, H, W]
+    y, x_ = at[:, :, 0] + rows, at[:, :, 1] + cols                # where each tap reads, in pixels: [N, 9, H, W]
+    grid = torch.stack([(2 * x_ + 1) / W - 1, (2 * y + 1) / H - 1], -1)  # pixel centres (align_corners=False)
+    sampled = F.grid_sample(x.to(dtype), grid.view(N, -1, W, 2), padding_mode="zeros", align_corners=False)
+    columns = sampled.view(N, C * 9, H * W)                       # [N, C x 9 taps, H*W], weight's (c, tap) order
+    return (weight.view(weight.shape[0], -1) @ columns).view(N, -1, H, W)
 
 
 def points_to_boxes(points):
@@ -83,9 +107,8 @@ class RepPointsHead(nn.Module):
             points_init = self.pts_init_out(torch.relu(self.pts_init_conv(pts_feat)))       # [N, 2P, H, W]
             scaled = (1 - GRADIENT_MUL) * points_init.detach() + GRADIENT_MUL * points_init
             offset = scaled - self.grid                       # each tap samples at its point: tap + offset = point
-            cls = self.cls_out(torch.relu(deform_conv2d(cls_feat, offset, self.cls_dcn_weight, padding=1)))
-            refine = self.pts_refine_out(torch.relu(deform_conv2d(pts_feat, offset, self.refine_dcn_weight,
-                                                                  padding=1)))
+            cls = self.cls_out(torch.relu(deform_conv3x3(cls_feat, offset, self.cls_dcn_weight)))
+            refine = self.pts_refine_out(torch.relu(deform_conv3x3(pts_feat, offset, self.refine_dcn_weight)))
             out["cls_logits"].append(flatten_locations(cls))
             out["points_init"].append(flatten_locations(points_init))
             out["points_refine"].append(flatten_locations(refine + points_init.detach()))
