@@ -40,9 +40,8 @@ def deform_conv3x3(x, offset, weight):
     x [N, C, H, W], offset [N, 18, H, W] ((y, x) per tap), weight [O, C, 3, 3] -> [N, O, H, W].
 
     On a GPU, torchvision's op. On a CPU the same numbers as bilinear sampling (grid_sample, zeros outside the map,
-    as deform_conv2d's corners) of every tap, then one matrix product: torchvision's CPU kernel computes its
-    backward ~5x slower than grid_sample's, and has no bf16 (this path samples in fp32 and leaves the product
-    to autocast)."""
+    as deform_conv2d's corners) of every tap, then one matrix product: fwd+bwd ~4x faster than torchvision's CPU
+    kernel (RESULTS.md), which has no bf16 (this path samples in fp32 and leaves the product to autocast)."""
     if x.device.type != "cpu":
         return deform_conv2d(x, offset, weight, padding=1)
     N, C, H, W = x.shape
