@@ -35,6 +35,9 @@ def kernel_grid(kernel=3):
     return torch.stack([ys.flatten(), xs.flatten()], 1).flatten()
 
 
+TAPS_3X3 = kernel_grid(3)  # built once: deform_conv3x3 reads it twice per level in every step
+
+
 def deform_conv3x3(x, offset, weight):
     """torchvision.ops.deform_conv2d(x, offset, weight, padding=1) for a 3x3 kernel, stride 1, one offset group:
     x [N, C, H, W], offset [N, 18, H, W] ((y, x) per tap), weight [O, C, 3, 3] -> [N, O, H, W].
@@ -46,7 +49,7 @@ def deform_conv3x3(x, offset, weight):
         return deform_conv2d(x, offset, weight, padding=1)
     N, C, H, W = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 sampling coordinates would be off by ~W/256 pixels
-    taps = kernel_grid(3).to(x.device, dtype).view(1, -1, 2, 1, 1)                        # [1, 9, 2, 1, 1]
+    taps = TAPS_3X3.to(x.device, dtype).view(1, -1, 2, 1, 1)                              # [1, 9, 2, 1, 1]
     rows = torch.arange(H, device=x.device, dtype=dtype).view(H, 1)
     cols = torch.arange(W, device=x.device, dtype=dtype).view(1, W)
     at = offset.to(dtype).view(N, -1, 2, H, W) + taps                                     # [N, 9, 2, H, W]
