@@ -1216,13 +1216,16 @@ def test_deformable_detr_trains_with_its_papers_adamw_and_per_part_lrs():
     assert (args.optimizer, args.lr, args.weight_decay, args.epochs, args.lr_steps, args.clip_grad) == \
         ("detr", 2e-4, 1e-4, 50, [40], 0.1)
     model = build("deformable_detr_r18")
-    fast, slow = train.detector_optimizer(model, args).param_groups
-    assert (fast["lr"], slow["lr"], fast["weight_decay"], slow["weight_decay"]) == (2e-4, 2e-4 * 0.1, 1e-4, 1e-4)
-    slow_ids = {id(p) for p in slow["params"]}
-    for name, p in model.named_parameters():  # Deformable DETR's lr_backbone and lr_linear_proj_names
-        placing = "sampling_offsets" in name or "reference_points" in name
-        assert (id(p) in slow_ids) == (name.startswith("backbone.body.") or placing), name
-    assert len(fast["params"]) + len(slow["params"]) == len(list(model.parameters()))
+    for weights_backbone in ("DEFAULT", None):  # the body at 0.1x only when it starts from ImageNet weights
+        args.weights_backbone = weights_backbone
+        fast, slow = train.detector_optimizer(model, args).param_groups
+        assert (fast["lr"], slow["lr"], fast["weight_decay"], slow["weight_decay"]) == (2e-4, 2e-4 * 0.1, 1e-4, 1e-4)
+        slow_ids = {id(p) for p in slow["params"]}
+        for name, p in model.named_parameters():  # Deformable DETR's lr_backbone and lr_linear_proj_names
+            placing = "sampling_offsets" in name or "reference_points" in name
+            body = name.startswith("backbone.body.") and weights_backbone is not None
+            assert (id(p) in slow_ids) == (body or placing), name
+        assert len(fast["params"]) + len(slow["params"]) == len(list(model.parameters()))
 
 
 def test_names_and_weights_errors():

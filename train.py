@@ -455,14 +455,18 @@ def set_schedule_defaults(args, family, epochs, optimizer="sgd"):
 def detector_optimizer(module, args):
     """SGD with momentum; (args.optimizer "adamw", ConvNeXt/Swin detectors) AdamW without weight decay on norms,
     biases, layer scales and Swin's relative position bias tables, as Swin's and ConvNeXt's detection recipes; or
-    ("detr") Deformable DETR's AdamW: 0.1x lr for the backbone's body and for what places the deformable samples
-    (sampling offsets, reference points), weight decay on everything."""
+    ("detr") Deformable DETR's AdamW: 0.1x lr for what places the deformable samples (sampling offsets, reference
+    points) and for the backbone's body when it starts from trained weights (--weights-backbone or --weights; a body
+    from scratch learns at the full lr), weight decay on everything."""
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if args.optimizer == "sgd":
         return torch.optim.SGD([p for _, p in params], lr=args.lr, momentum=args.momentum,
                                weight_decay=args.weight_decay)
     if args.optimizer == "detr":
-        return torch.optim.AdamW(unikd.param_groups(module, args.lr, also_slow=("backbone.body.",)), lr=args.lr,
+        # the paper's 0.1x protects ImageNet features; a body from scratch at 0.1x barely moves (RESULTS.md)
+        pretrained = args.weights_backbone is not None or args.weights is not None
+        slow_body = ("backbone.body.",) if pretrained else ()
+        return torch.optim.AdamW(unikd.param_groups(module, args.lr, also_slow=slow_body), lr=args.lr,
                                  weight_decay=args.weight_decay)
     free = [p.ndim <= 1 or n.endswith("layer_scale") or "relative_position_bias_table" in n for n, p in params]
     decay = [p for (_, p), f in zip(params, free) if not f]
