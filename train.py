@@ -422,9 +422,9 @@ def set_schedule_defaults(args, family, epochs, optimizer="sgd"):
     "1x", the paper's for COCO-format data: SGD lr 0.01 one-stage / 0.02 two-stage at batch 16, scaled linearly with
         the total batch, weight decay 1e-4; AdamW lr 1e-4 at batch 16, scaled the same way, weight decay 0.05;
         warm-up 500, x0.1 at 8 and 11 of 12 epochs. Pretraining: AdamW 2e-4, weight decay 1e-4, x0.1 at 2/3.
-        Deformable DETR: its paper's AdamW 2e-4 (at any batch; 0.1x for the backbone, sampling offsets and reference
-        points: detector_optimizer), weight decay 1e-4, gradient clipping 0.1, 50 epochs, x0.1 at 40 (on generated
-        data the small recipe's epochs and decay, with this optimizer and clipping).
+        Deformable DETR: its paper's AdamW 2e-4 (at any batch; 0.1x for sampling offsets, reference points and a
+        pretrained backbone: detector_optimizer), weight decay 1e-4, gradient clipping 0.1, 50 epochs, x0.1 at 40
+        (on generated data the small recipe's epochs and decay, with this optimizer and clipping).
     "small", for generated data (the embedded default), where detectors train from scratch for a few thousand
         iterations: twice the per-image lr (SGD 0.01 one-stage / 0.02 two-stage, AdamW 1e-4, at batch 8), warm-up
         100, one x0.1 at 11/12 of the epochs (in the last, for runs of a few)."""
@@ -463,7 +463,7 @@ def detector_optimizer(module, args):
         return torch.optim.SGD([p for _, p in params], lr=args.lr, momentum=args.momentum,
                                weight_decay=args.weight_decay)
     if args.optimizer == "detr":
-        # the paper's 0.1x protects ImageNet features; a body from scratch at 0.1x barely moves (RESULTS.md)
+        # the paper's 0.1x keeps ImageNet features; from scratch it only slows the body (RESULTS.md)
         pretrained = args.weights_backbone is not None or args.weights is not None
         slow_body = ("backbone.body.",) if pretrained else ()
         return torch.optim.AdamW(unikd.param_groups(module, args.lr, also_slow=slow_body), lr=args.lr,
