@@ -35,7 +35,7 @@ def kernel_grid(kernel=3):
     return torch.stack([ys.flatten(), xs.flatten()], 1).flatten()
 
 
-TAPS_3X3 = kernel_grid(3)  # built once: deform_conv3x3 reads it twice per level in every step
+TAPS_3X3 = kernel_grid(3)  # built once: the head's offsets and deform_conv3x3 (twice per level, every step) read it
 
 
 def deform_conv3x3(x, offset, weight):
@@ -93,7 +93,7 @@ class RepPointsHead(nn.Module):
         self.refine_dcn_weight = nn.Parameter(torch.empty(feat_channels, in_channels, 3, 3))
         self.cls_out = nn.Conv2d(feat_channels, num_classes, 1)
         self.pts_refine_out = nn.Conv2d(feat_channels, 2 * NUM_POINTS, 1)
-        self.register_buffer("grid", kernel_grid(3).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("grid", TAPS_3X3.view(1, -1, 1, 1).clone(), persistent=False)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
