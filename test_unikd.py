@@ -2108,6 +2108,38 @@ def test_decoder_layer_matches_a_plain_layer():
                 torch.testing.assert_close(weights.sum((-2, -1)), torch.ones(2, 5, 4))
 
 
+def test_pretrain_loss_is_eq6_with_optimal_matching_for_content_and_row_i_for_positional():
+    """Eq. (6) for both AKEs assembled here: the content AKE's set loss on the assignment a brute force over all
+    one-to-one pairings finds, normalised by the GT count; the positional AKE's on row i <-> GT i for the first
+    min(M, N) GTs, normalised by that count (an image with more GTs than queries makes the two differ)."""
+    g = torch.Generator().manual_seed(14)
+    n = 3
+    model = unikd.UniKD(num_classes=3, **dict(SMALL, num_queries=n))
+    tf, targets = feats(2, g), random_targets([4, 2], 3, g)
+    with torch.no_grad():
+        losses = model.pretrain_loss(tf, targets, torch.Generator().manual_seed(3))
+        gen = torch.Generator().manual_seed(3)
+        boxes = torch.stack([unikd.sample_query_boxes(t["boxes"], n, generator=gen)[0] for t in targets])
+        q_ct, q_pos = model.ake_ct.generate_queries(tf), model.ake_pos.generate_queries(tf, boxes)
+        out_ct = model.ake_ct.head(model.ake_ct.extract(q_ct, tf), q_ct)
+        out_pos = model.ake_pos.head(model.ake_pos.extract(q_pos, tf), q_pos)
+        cost = model.matcher.cost_matrix(*out_ct, targets)                                 # [B, N, sum M]
+    matched, first = [], 0
+    for b, t in enumerate(targets):
+        m = len(t["boxes"])
+        pairings = ([(range(n), gts) for gts in itertools.permutations(range(m), n)] if m >= n else
+                    [(queries, range(m)) for queries in itertools.permutations(range(n), m)])
+        best = min(pairings, key=lambda qg: sum(cost[b, q, first + j].item() for q, j in zip(*qg)))
+        matched.append(tuple(torch.tensor(list(x)) for x in best))
+        first += m
+    row_i = [(torch.arange(k), torch.arange(k)) for k in (3, 2)]
+    expected = {**{f"loss_ct_{k}": v for k, v in unikd.set_loss(*out_ct, targets, matched, 6).items()},
+                **{f"loss_pos_{k}": v for k, v in unikd.set_loss(*out_pos, targets, row_i, 5).items()}}
+    assert losses.keys() == expected.keys()
+    for k in expected:
+        assert losses[k].item() == pytest.approx(expected[k].item(), rel=1e-5), k
+
+
 def test_ake_pretraining_overfits_one_batch():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(9)
