@@ -2590,13 +2590,16 @@ def test_amp_on_a_cpu_is_bf16_autocast_and_p6_p7_keep_the_fp32_gradients_of_one_
     images = [torch.rand(3, 64, 64) for _ in range(4)]
     targets = [{"boxes": torch.tensor([[5., 6, 40, 50]]), "labels": torch.tensor([1])} for _ in range(4)]
     assert model.backbone(torch.stack(images))["p6"].shape[-2:] == (1, 1)
-    grads = []
+    grads, extra, dtypes = [], model.backbone.fpn.extra_blocks, []
+    for conv in (extra.p6, extra.p7):  # what P6/P7 receive and return, whatever the autocast around them
+        conv.register_forward_hook(lambda m, args, out: dtypes.append((args[0].dtype, out.dtype)))
     for amp in (False, True):
         model.zero_grad()
+        dtypes.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             loss = sum(model(images, targets).values())
+        assert dtypes and all(d == (torch.float32, torch.float32) for d in dtypes), dtypes
         loss.backward()
-        extra = model.backbone.fpn.extra_blocks
         grads.append(torch.cat([extra.p6.weight.grad.flatten(), extra.p7.weight.grad.flatten()]))
     assert torch.isfinite(grads[1]).all() and grads[1].abs().sum() > 0
     assert F.cosine_similarity(grads[0].double(), grads[1].double(), 0) > min_cosine
