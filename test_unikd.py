@@ -1863,7 +1863,9 @@ def test_sampler_bounds_over_1000_draws():
         check_sample(gt, boxes, num_pos, n)
 
 
-def test_sampler_adversarial_gts_use_fallbacks_and_keep_bounds():
+def test_sampler_keeps_its_bounds_for_adversarial_gts():
+    """A GT covering the image, GTs tiling it, GTs below the minimum box size, and all of them together (the
+    fallbacks themselves: test_sampler_fallbacks_keep_the_bounds)."""
     g = torch.Generator().manual_seed(1)
     full = torch.tensor([[0.5, 0.5, 1.0, 1.0]])                            # one GT = the whole image
     tiles = torch.stack(torch.meshgrid(torch.arange(10) / 10 + 0.05, torch.arange(10) / 10 + 0.05, indexing="ij"), -1)
