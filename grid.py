@@ -26,6 +26,9 @@ from utils import (UserError, atomic_write_json, atomic_write_text, canonical_mo
 PASSED_ON = ("data_path", "train_images", "train_ann", "val_images", "val_ann", "min_size", "max_size",
              "shapes_train", "shapes_val", "shapes_size", "shapes_seed", "workers", "batch_size", "amp", "max_iters",
              "print_freq", "num_queries", "warmup_iters")  # (and the device, set on each step directly)
+# flags the pipelines read themselves; any other flag would be silently ignored by every step, so it is refused
+OWN_FLAGS = {"demo": ("teacher", "student", "seed", "smoke"), "grid": ("teachers", "students", "methods", "seeds", "report")}
+SHARED_FLAGS = ("stage", "teacher_epochs", "pretrain_epochs", "student_epochs", "jobs", "output_dir", "device")
 SMOKE_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18_v2", shapes_train=32, shapes_val=16,
                       shapes_size=[64, 96], batch_size=4, teacher_epochs=1, pretrain_epochs=1, student_epochs=1,
                       warmup_iters=2, output_dir=os.path.join("runs", "smoke"))
@@ -169,6 +172,17 @@ def in_worker(steps, method, *args):
     return getattr(steps, method)(*args)
 
 
+def refuse_unused_flags(args, parser):
+    """One line (UserError) for a flag the pipeline neither reads nor passes on: its steps set their own schedule,
+    recipe and method settings, so e.g. --lr or --fitnet-weight would change nothing."""
+    used = set(PASSED_ON + SHARED_FLAGS + OWN_FLAGS[args.stage])
+    unused = [dest for dest in args.explicit if dest not in used]
+    if unused:
+        flag = next(o for a in parser._actions if a.dest == unused[0] for o in a.option_strings if o.startswith("--"))
+        raise UserError(f"{flag}: --stage {args.stage} does not pass it on to its steps; run the stage that uses it "
+                        f"(--stage train, pretrain or distill) on its own, or leave it out")
+
+
 def apply_defaults(args, defaults):
     """Fills the demo/grid schedule defaults into the flags the user did not give."""
     for name, value in defaults.items():
@@ -182,6 +196,7 @@ def apply_defaults(args, defaults):
 def stage_demo(args, steps):
     """Teacher -> AKE -> one heterogeneous student without KD and with UniKD; a table of APs and step times. With
     --smoke, the same on a few tiny images for a few iterations: it shows that every stage runs, not what it gains."""
+    refuse_unused_flags(args, steps.make_parser())
     apply_defaults(args, SMOKE_DEFAULTS if args.smoke else DEMO_DEFAULTS)
     if not args.smoke and "amp" not in args.explicit and steps.device.type == "cpu" and cpu_has_bf16_units():
         args.amp = True  # bf16 doubles the images per second where the CPU has AMX / AVX512-BF16 (RESULTS.md)
@@ -226,6 +241,7 @@ def demo_verdict(teacher, alone, unikd):
 def stage_grid(args, steps):
     """The paper's Table 2 in miniature: every (teacher, student, method, seed) cell trains and evaluates on its
     own and writes its result.json; a rerun skips finished cells; results.md gathers mean +- std AP per cell."""
+    refuse_unused_flags(args, steps.make_parser())
     apply_defaults(args, GRID_DEFAULTS)
     split = lambda text: [x for x in text.split(",") if x]  # noqa: E731
     teachers = [teacher_spec(x) for x in split(args.teachers)]

@@ -3294,6 +3294,25 @@ def test_grid_jobs_run_steps_in_worker_processes_with_the_results_of_one_process
     assert_user_error(run(["--stage", "grid", "--jobs", "0"] + TINY_PIPELINE, tmp_path), "--jobs 0")
 
 
+def test_demo_and_grid_refuse_a_flag_that_no_step_would_see(tmp_path):
+    """A pipeline's steps set their own schedule and method settings: a flag it neither reads nor passes on is one
+    line, exit 2, not silently ignored; what it passes on or reads is accepted."""
+    import train
+
+    def check(argv):
+        args = train.get_args_parser().parse_args(argv)
+        args.explicit = utils.explicit_flags(train.get_args_parser(), argv)
+        grid.refuse_unused_flags(args, train.get_args_parser())
+
+    for stage, flag, value in (("grid", "--lr", "0.1"), ("demo", "--fitnet-weight", "3"), ("grid", "--seed", "1"),
+                               ("demo", "--epochs", "2"), ("grid", "--weights-backbone", "DEFAULT")):
+        with pytest.raises(utils.UserError, match=f"^{flag}: --stage {stage} does not pass it on"):
+            check(["--stage", stage, flag, value])
+    check(["--stage", "grid", "--teachers", "fcos_r34", "--seeds", "0", "--jobs", "2", "--no-amp"] + TINY_PIPELINE)
+    check(["--stage", "demo", "--teacher", "fcos_r34", "--seed", "1", "--smoke", "--amp", "--device", "cpu"])
+    assert_user_error(run(["--stage", "grid", "--lambda-ct", "30"], tmp_path), "--lambda-ct: --stage grid")
+
+
 def test_demo_says_plainly_whether_unikd_beat_the_student_alone():
     assert "nothing to distil" in grid.demo_verdict(0.20, 0.25, 0.30)
     assert grid.demo_verdict(0.04, 0.01, 0.02).startswith("The teacher is still weak (AP 0.040)")
