@@ -248,7 +248,7 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, ancho
     if v2:  # only RetinaNet reaches here with v2 (the R-CNN v2s are torchvision's R50 builders)
         # GroupNorm in the head's towers keeps their activations at unit scale: without it, four std-0.01 convs
         # shrink the FPN signal ~70x at init and a from-scratch head's loss stays at the focal-loss prior for
-        # ~190 iterations (README, "The grid on this CPU"); FCOS's head has had GroupNorm all along.
+        # ~190 iterations (RESULTS.md, the version-1 grid); FCOS's head has had GroupNorm all along.
         head = RetinaNetHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], num_classes,
                              norm_layer=partial(nn.GroupNorm, 32))
         head.regression_head._loss_type = "giou"

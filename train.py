@@ -1,11 +1,11 @@
 """The stages of UniKD: flags, one training loop, and the stages that use it.
 
-    python train.py --stage train    --model retinanet_r50          # plain detector (teacher or baseline)
-    python train.py --stage pretrain --teacher retinanet_r50        # stage 1: AKEs absorb the teacher (Eq. 6)
+    python train.py --stage train    --model atss_r34               # a detector alone (teacher or baseline)
+    python train.py --stage pretrain --teacher atss_r34             # stage 1: AKEs absorb the teacher (Eq. 6)
     python train.py --stage distill  --student fcos_r18             # stage 2: student mimics the AKEs' knowledge (Eq. 7)
     python train.py --stage distill  --student fcos_r18 --method fitnet|none
-    python train.py --stage dump     --ake runs/pretrain_retinanet_r50/ake.pth   # offline KD: store the teacher's
-    python train.py --stage distill  --student fcos_r18 --offline runs/dump_retinanet_r50  # knowledge once (sec. 3.3)
+    python train.py --stage dump     --ake runs/pretrain_atss_r34/ake.pth   # offline KD: store the teacher's
+    python train.py --stage distill  --student fcos_r18 --offline runs/dump_atss_r34  # knowledge once (sec. 3.3)
     python train.py --stage demo [--smoke] | --stage grid           # whole pipelines (grid.py)
 
 Multi-GPU: `torchrun --nproc_per_node=8 train.py ...` (NCCL on GPUs, gloo on CPU). Without --data-path every
