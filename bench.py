@@ -388,7 +388,7 @@ def _print_compile_table(rows):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# distillation step cost (train.py --stage distill --kd-cost STEPS)
+# training step speed of whole detectors (--detectors) and the distillation step's cost (train.py --kd-cost STEPS)
 
 def detector_speed(names, runs, batch_size, image_hw, num_classes=9):
     """Prints, per detector: parameters (M) and the median training step on CPU (random images of image_hw with two

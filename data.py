@@ -351,7 +351,7 @@ def category_difference(a, b):
     return f"category {renamed[0][0]} is '{renamed[0][1]}' in the first, '{renamed[1][1]}' in the second"
 
 
-def check_splits(train, val) -> str:
+def splits_note(train, val) -> str:
     """A UserError when the validation split's categories are not the training split's (its labels would mean other
     classes); otherwise a note naming classes with validation boxes but no training box ('' when none)."""
     difference = category_difference(categories_of(train), categories_of(val))

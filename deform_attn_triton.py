@@ -298,7 +298,7 @@ def _tap_grads(table, taps, grad_rows, sparse):
 
 def _scatter_value_grad(grad_table, taps, grad_rows, source):
     """grad_table[idx[r, k]] += w[r, k] * grad_rows[r]  (dL/dV = A^T g), in cache-sized pieces."""
-    n, K = taps.idx.shape
+    n = taps.idx.shape[0]
     C = grad_rows.shape[1]
     step = source.shape[0]
     for lo in range(0, n, step):
@@ -628,7 +628,7 @@ class _MSDAFunction(torch.autograd.Function):
             return value.new_zeros(B, Q, H * C)
         if backend == "triton":
             return _triton_forward(value, spatial_shapes, level_start_index, loc, attn)
-        # on CPU the backward reuses the forward's taps (a third of its time otherwise); on a GPU, where the PyTorch
+        # on CPU the backward reuses the forward's taps rather than recomputing them; on a GPU, where the PyTorch
         # path serves only without Triton, they are recomputed rather than held ([B*Q*H, 4*L*P] indices and weights)
         keep = value.device.type == "cpu" and any(ctx.needs_input_grad)
         ctx.taps = [] if keep else None

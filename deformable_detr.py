@@ -1,7 +1,9 @@
 """Deformable DETR (Zhu et al., ICLR 2021) on a torchvision backbone and this project's deformable attention.
 
-    model = DeformableDETR(body, body_channels, num_classes)   # detectors.build_detector("deformable_detr_r50", K + 1)
-    losses = model(images, targets)   # train mode: {"loss_cls", "loss_l1", "loss_giou", and their "_aux" sums}
+    model = DeformableDETR(DeformableEncoder(body, body_channels), num_classes)
+    # (or detectors.build_detector("deformable_detr_r50", K + 1))
+    losses = model(images, targets)   # train mode: {"loss_cls", "loss_l1", "loss_giou"}, their "_aux" sums (and
+                                      # with two_stage the encoder's proposals' "_enc" terms)
     detections = model(images)        # eval mode: torchvision's list of {"boxes", "scores", "labels"}
 
 The same interface as torchvision's detectors (a `transform`, a `backbone` with `out_channels`, labels 1..K with 0 the
@@ -147,7 +149,7 @@ class DeformableDETR(nn.Module):
         padded_hw = tuple(image_list.tensors.shape[-2:])
         logits, boxes, proposals = self.decode(list(self.backbone(image_list.tensors).values()))
         if self.training:
-            targets = set_targets(targets, padded_hw)
+            targets = set_loss_targets(targets, padded_hw)
             losses = self.set_losses(logits, boxes, targets)
             if proposals is not None:
                 losses.update(self.proposal_losses(*proposals, targets))
@@ -218,7 +220,7 @@ class DeformableDETR(nn.Module):
         return {f"loss_{k}_enc": v for k, v in set_loss(objectness, boxes, agnostic, indices, num_boxes).items()}
 
 
-def set_targets(targets, padded_hw):
+def set_loss_targets(targets, padded_hw):
     """torchvision targets after the transform (xyxy pixels of the batched tensor, labels 1..K) -> unikd.py's
     (labels 0..K-1, boxes cxcywh normalised to the batched tensor, clipped into it)."""
     h, w = padded_hw

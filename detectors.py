@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 import torchvision
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torchvision.models.detection import (
     FasterRCNN, FCOS, MaskRCNN, RetinaNet,
     FasterRCNN_ResNet50_FPN_V2_Weights, FasterRCNN_ResNet50_FPN_Weights, FCOS_ResNet50_FPN_Weights,
@@ -36,7 +37,7 @@ from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
 from atss import ANCHOR_OCTAVE_SCALE, ATSS
-from deformable_detr import DeformableDETR, DeformableEncoder, set_targets
+from deformable_detr import DeformableDETR, DeformableEncoder, set_loss_targets
 from reppoints import RepPoints
 
 FAMILIES = ("retinanet", "fcos", "atss", "reppoints", "faster_rcnn", "mask_rcnn", "deformable_detr")
@@ -248,7 +249,7 @@ def _build_from_parts(family, arch, num_classes, backbone_weights, kwargs, ancho
     if v2:  # only RetinaNet reaches here with v2 (the R-CNN v2s are torchvision's R50 builders)
         # GroupNorm in the head's towers keeps their activations at unit scale: without it, four std-0.01 convs
         # shrink the FPN signal ~70x at init and a from-scratch head's loss stays at the focal-loss prior for
-        # ~190 iterations (RESULTS.md, the version-1 grid); FCOS's head has had GroupNorm all along.
+        # a long time (RESULTS.md); FCOS's head has GroupNorm too.
         head = RetinaNetHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], num_classes,
                              norm_layer=partial(nn.GroupNorm, 32))
         head.regression_head._loss_type = "giou"
@@ -306,8 +307,8 @@ class StageFeatures(nn.Module):
 
 class P6P7(LastLevelP6P7):
     """torchvision's P6/P7 (stride-2 3x3 convolutions), computed in fp32 under CPU autocast: oneDNN's bf16 weight
-    gradient of a stride-2 convolution over a map one pixel wide is NaN/Inf (torch 2.14), and P6 is such a map for
-    images 64 px wide. These maps are the smallest of the pyramid, so fp32 costs nothing there."""
+    gradient of a stride-2 convolution over a map one pixel wide is NaN/Inf, and P6 is such a map for images 64 px
+    wide. These maps are the smallest of the pyramid, so fp32 is cheap there."""
 
     def forward(self, p, c, names):
         if not torch.is_autocast_enabled("cpu"):
@@ -375,7 +376,7 @@ def _small_image_kwargs(family, scale, proposals):
         return {"anchor_scale": scale}  # the point assigner's level choice follows the other families' anchors
     if family in ("faster_rcnn", "mask_rcnn"):
         # Fewer proposals and sampled ROIs: a 128 px image has ~6k anchors and <= 10 objects, and the ROI
-        # head's cost is linear in the sampled ROIs (torchvision's 2000/512 make Faster R-CNN ~1 img/s on CPU).
+        # head's cost is linear in the sampled ROIs.
         return {"rpn_pre_nms_top_n_train": round(2000 * proposals),
                 "rpn_post_nms_top_n_train": round(2000 * proposals),
                 "rpn_pre_nms_top_n_test": round(1000 * proposals), "rpn_post_nms_top_n_test": round(1000 * proposals),
@@ -492,7 +493,8 @@ def load_checkpoint(model: nn.Module, path) -> None:
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} holds no model state dict")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}  # saved from DDP
+    state = dict(state)
+    consume_prefix_in_state_dict_if_present(state, "module.")  # saved from DDP
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -548,7 +550,8 @@ def _fpn_output(result, image_list, features: dict, targets) -> FPNOutput:
 def levels_by_stride(features: dict, padded_hw, strides=AKE_STRIDES) -> list:
     """Pick from the FPN's OrderedDict the levels whose stride (batched size / feature size) is in strides.
 
-    RetinaNet/FCOS name their levels '0'-'4' for P3-P7, R-CNNs '0'-'3','pool' for P2-P6: only the stride
+    RetinaNet/FCOS/ATSS/RepPoints name their levels '0'-'2','p6','p7' for P3-P7, R-CNNs '0'-'3','pool' for P2-P6,
+    Deformable DETR '0'-'3' for its encoder's strides 8-64: only the stride
     identifies a level across families. With padding to a multiple of 64 the ratio is exact; otherwise the
     coarsest levels round up (e.g. 160 px -> 3 cells at stride 64) and log2 is rounded. The first level with a
     given stride wins (a tiny input can make P6 and P7 both 1 cell).
@@ -572,4 +575,4 @@ def _unwrap(model):
 
 def normalized_targets(fpn_out):
     """Transformed targets -> AKE targets: contiguous labels 0..K-1, boxes cxcywh / batched tensor size."""
-    return set_targets(fpn_out.targets, fpn_out.padded_hw)
+    return set_loss_targets(fpn_out.targets, fpn_out.padded_hw)

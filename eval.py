@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.io import write_png
+from torchvision.ops import box_convert, clip_boxes_to_image
 from torchvision.utils import draw_bounding_boxes
 
 import detectors
@@ -96,8 +97,8 @@ class AKEDetector(torch.nn.Module):
         dets = unikd.postprocess(z_logits, z_boxes, sizes)
         for det, (ih, iw), im in zip(dets, out.image_sizes, images):
             # boxes: pixels of the batched tensor -> clipped to the resized image -> the input image's pixels
-            det["boxes"][:, 0::2] = det["boxes"][:, 0::2].clamp(0, iw) * (im.shape[-1] / iw)
-            det["boxes"][:, 1::2] = det["boxes"][:, 1::2].clamp(0, ih) * (im.shape[-2] / ih)
+            sx, sy = im.shape[-1] / iw, im.shape[-2] / ih
+            det["boxes"] = clip_boxes_to_image(det["boxes"], (ih, iw)) * det["boxes"].new_tensor([sx, sy, sx, sy])
             det["labels"] = det["labels"] + 1  # AKE classes 0..K-1 -> dataset labels 1..K
         return dets
 
@@ -109,7 +110,7 @@ def coco_results(output, target, input_hw, label_to_cat):
     # label 0 is background: R-CNNs never predict it, but RetinaNet/FCOS keep a (never positive) logit for it
     keep = (output["labels"] > 0).cpu()
     boxes = output["boxes"].float().cpu()[keep] * torch.tensor([sx, sy, sx, sy])
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    xywh = box_convert(boxes, "xyxy", "xywh").tolist()
     scores, labels = output["scores"].cpu()[keep].tolist(), output["labels"].cpu()[keep].tolist()
     box_results = [{"image_id": target["image_id"], "category_id": label_to_cat[label], "bbox": box,
                     "score": score} for box, label, score in zip(xywh, labels, scores)]
@@ -225,7 +226,8 @@ def hstack(*pictures):
 def sampling_pictures(teacher, akes, dataset, device, count, out_dir, seed=0):
     """Fig. 4: where the AKE's knowledge extractor f_e looks on the teacher's levels -- the attention-weighted
     sampling locations of its last layer, content queries in red (left), positional queries in green (right),
-    summed over heads, levels and points; ground-truth boxes in lime. One PNG [3, h, 2w] per image."""
+    summed over heads, levels and points; ground-truth boxes in lime. One PNG [3, z*h, 2*z*w] per image (z: the
+    enlargement)."""
     os.makedirs(out_dir, exist_ok=True)
     teacher.eval().to(device)
     akes.to(device)
@@ -299,7 +301,7 @@ def attention_mass_in_image(akes, feats, knowledge, image_extent):
 def density_picture(models, dataset, device, count, out_path):
     """Fig. 1: the feature density (mean absolute activation over channels) of the FPN levels at strides 8..64 of
     each model (rows, in the order given) on the same images; each level's maps share one scale across models, so
-    brighter means more activation. One PNG: rows = models x images, columns = 4 levels, each cell h x w."""
+    brighter means more activation. One PNG: rows = models x images, columns = 4 levels, each cell z*h x z*w."""
     images = [dataset[i][0] for i in range(min(count, len(dataset)))]
     maps = {}                                                        # (row, name, image) -> 4 maps [h, w]
     for row, (name, model) in enumerate(models):
@@ -325,7 +327,8 @@ def density_picture(models, dataset, device, count, out_path):
 @torch.no_grad()
 def compare_pictures(model_a, model_b, dataset, device, count, out_dir, score_thresh=0.3):
     """Ground truth | predictions of model A | predictions of model B, on the same images (e.g. a student
-    trained without and with UniKD). One PNG [3, h, 3w] per image; predictions with score >= score_thresh."""
+    trained without and with UniKD). One PNG [3, z*h, 3*z*w] per image (z: the enlargement); predictions with score
+    >= score_thresh."""
     os.makedirs(out_dir, exist_ok=True)
     names = ["background"] + base_dataset(dataset).class_names
     paths = []
@@ -376,7 +379,8 @@ def parse_args(argv=None):
 
 
 def checkpoint_info(path, flag="--ckpt") -> dict:
-    """What a checkpoint of train.py says about itself: {"model_name" (or None for a bare state dict), "args"};
+    """What a checkpoint of train.py says about itself: {"model_name" (or None for a bare state dict), "args",
+    "categories" (or None)};
     a UserError for files that are not a detector's weights (resumable training state, ake.pth, garbage)."""
     fix = "pass a model.pth / student.pth written by train.py"
     obj = load_user_file(path, flag, "a readable checkpoint", fix)
@@ -469,7 +473,7 @@ def main(argv=None):
     adopt_training_data(args, info["args"])
     dataset = build_dataset(args, "val")
     difference = info["categories"] and category_difference(info["categories"], categories_of(dataset))
-    if difference:  # (a model.pth from before categories were recorded is not checked)
+    if difference:  # (a model.pth without 'categories' is not checked)
         raise UserError(f"--ckpt {args.ckpt} was trained on other categories than {dataset.ann_file} lists "
                         f"({difference}); evaluate on data with its training set's 'categories' list")
     model = load_model(name, args.ckpt, dataset, args).to(args.device)

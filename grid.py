@@ -27,13 +27,14 @@ PASSED_ON = ("data_path", "train_images", "train_ann", "val_images", "val_ann", 
              "shapes_train", "shapes_val", "shapes_size", "shapes_seed", "workers", "batch_size", "amp", "max_iters",
              "print_freq", "num_queries", "warmup_iters")  # (and the device, set on each step directly)
 # flags the pipelines read themselves; any other flag would be silently ignored by every step, so it is refused
-OWN_FLAGS = {"demo": ("teacher", "student", "seed", "smoke"), "grid": ("teachers", "students", "methods", "seeds", "report")}
+OWN_FLAGS = {"demo": ("teacher", "student", "seed", "smoke"),
+             "grid": ("teachers", "students", "methods", "seeds", "report")}
 SHARED_FLAGS = ("stage", "teacher_epochs", "pretrain_epochs", "student_epochs", "jobs", "output_dir", "device")
 SMOKE_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18_v2", shapes_train=32, shapes_val=16,
                       shapes_size=[64, 96], batch_size=4, teacher_epochs=1, pretrain_epochs=1, student_epochs=1,
                       warmup_iters=2, output_dir=os.path.join("runs", "smoke"))
-# 10-15 minutes on 2 CPU cores with bf16, most of it the teacher's 800 iterations: ATSS-R34 from scratch reaches AP
-# ~0.30 there, FCOS-R34 0.13-0.25 (RESULTS.md)
+# sized so that the teacher, most of the demo's time, learns enough to have something to distil: ATSS-R34 learns
+# fastest from scratch of the families tried (RESULTS.md, "The demo on the CPU")
 DEMO_DEFAULTS = dict(teacher="atss_r34", student="retinanet_r18_v2", shapes_train=800, shapes_val=100,
                      teacher_epochs=8, pretrain_epochs=2, student_epochs=1, warmup_iters=40)
 # below this teacher AP a demo has too little to distil for a student's gain to mean much
@@ -199,7 +200,7 @@ def stage_demo(args, steps):
     refuse_unused_flags(args, steps.make_parser())
     apply_defaults(args, SMOKE_DEFAULTS if args.smoke else DEMO_DEFAULTS)
     if not args.smoke and "amp" not in args.explicit and steps.device.type == "cpu" and cpu_has_bf16_units():
-        args.amp = True  # bf16 doubles the images per second where the CPU has AMX / AVX512-BF16 (RESULTS.md)
+        args.amp = True  # bf16 is faster where the CPU multiplies it in hardware, AMX / AVX512-BF16 (RESULTS.md)
         log(args, "demo: bf16 autocast (--amp), this CPU multiplies bf16 in hardware; --no-amp keeps fp32")
     teacher = canonical_model_name(args.teacher, "--teacher")
     student = canonical_model_name(args.student, "--student")

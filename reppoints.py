@@ -43,8 +43,8 @@ def deform_conv3x3(x, offset, weight):
     x [N, C, H, W], offset [N, 18, H, W] ((y, x) per tap), weight [O, C, 3, 3] -> [N, O, H, W].
 
     On a GPU, torchvision's op. On a CPU the same numbers as bilinear sampling (grid_sample, zeros outside the map,
-    as deform_conv2d's corners) of every tap, then one matrix product: fwd+bwd ~4x faster than torchvision's CPU
-    kernel (RESULTS.md), which has no bf16 (this path samples in fp32 and leaves the product to autocast)."""
+    as deform_conv2d's corners) of every tap, then one matrix product: faster than torchvision's CPU kernel
+    (RESULTS.md), which has no bf16 (this path samples in fp32 and leaves the product to autocast)."""
     if x.device.type != "cpu":
         return deform_conv2d(x, offset, weight, padding=1)
     N, C, H, W = x.shape
@@ -85,7 +85,6 @@ class RepPointsHead(nn.Module):
 
     def __init__(self, in_channels, num_classes, num_convs=3, feat_channels=256, prior_probability=0.01):
         super().__init__()
-        self.num_classes = num_classes
         self.cls_tower, self.reg_tower = tower(in_channels, num_convs), tower(in_channels, num_convs)
         self.pts_init_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
         self.pts_init_out = nn.Conv2d(feat_channels, 2 * NUM_POINTS, 1)
@@ -140,7 +139,7 @@ def point_assign(centres, strides, gt_boxes, base_scale):
         return matched
     level_of_location = torch.log2(strides).round()
     wh = (gt_boxes[:, 2:] - gt_boxes[:, :2]).clamp(min=1e-6)
-    gt_level = (torch.log2(wh / base_scale).sum(1) / 2).trunc()                           # [M]
+    gt_level = (torch.log2(wh / base_scale).sum(1) / 2).floor()                           # [M]
     gt_level = gt_level.clamp(level_of_location.min(), level_of_location.max())
     gt_centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
     best_distance = torch.full((len(centres),), float("inf"), device=centres.device)

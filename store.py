@@ -21,7 +21,7 @@ import unikd
 from utils import UserError, atomic_write, atomic_write_json, canonical_model_name, file_sha256
 
 STORE_KIND = "unikd_knowledge_store"
-STORE_VERSION = 2  # 2: the record's batched-tensor size is named padded_hw
+STORE_VERSION = 2  # bumped whenever the record layout changes: an older store is refused
 DUMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 COCO_TRAIN_IMAGES, COCO_SIZE = 118287, (800, 1333)  # train2017 at the paper's resize, for storage projections
 
@@ -232,8 +232,9 @@ class StoreWriter:
         self.path, self.partial, self.params = path, path + ".partial", params
         self.layout = record_layout(params["num_queries"], params["d_model"], params["dtype"])
 
-    def check(self):
-        """Refuses a finished store at path, or an unfinished one of other settings; True when resuming one."""
+    def resuming(self):
+        """True when an unfinished dump of the same settings is there to continue; refuses a finished store at
+        path, or an unfinished one of other settings."""
         if os.path.exists(self.path):
             finished = os.path.isfile(os.path.join(self.path, "manifest.json"))
             raise UserError(f"{self.path} exists{' (a finished store)' if finished else ''}; pass --output-dir to "

@@ -1571,18 +1571,18 @@ def test_validation_categories_must_be_the_training_ones_and_unseen_classes_are_
     val = odd_split(tmp_path / "val", train=False,
                     annotations=[box(1, 1, [5, 5, 9, 9], category=3), box(2, 2, [5, 5, 9, 9], category=1)],
                     categories=[{"id": 1, "name": "one"}, {"id": 2, "name": "two"}, {"id": 3, "name": "three"}])
-    assert data.check_splits(train, val).startswith("note: 1 classes have validation boxes but no training box "
+    assert data.splits_note(train, val).startswith("note: 1 classes have validation boxes but no training box "
                                                     "(three)")
-    assert data.check_splits(train, train) == ""
+    assert data.splits_note(train, train) == ""
     other = odd_split(tmp_path / "other", train=False, categories=[{"id": 1, "name": "one"}, {"id": 2, "name": "two"},
                                                                    {"id": 4, "name": "four"}])
     with pytest.raises(utils.UserError, match=r"ids \[3\] only in the first, \[4\] only in the second"):
-        data.check_splits(train, other)
+        data.splits_note(train, other)
     renamed = odd_split(tmp_path / "renamed", train=False, categories=[{"id": 1, "name": "one"},
                                                                        {"id": 2, "name": "deux"},
                                                                        {"id": 3, "name": "three"}])
     with pytest.raises(utils.UserError, match="category 2 is 'two' in the first, 'deux' in the second"):
-        data.check_splits(train, renamed)
+        data.splits_note(train, renamed)
 
 
 def test_training_on_odd_but_usable_data_logs_what_was_dropped_and_a_refusal_changes_nothing(tmp_path):
@@ -2466,7 +2466,7 @@ def test_torchrun_train_writes_checkpoint(trained):
     cwd, res = trained
     out = cwd / "runs" / "train_fcos_r18"
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
-    assert ckpt["epoch"] == 0 and {"model", "optimizer", "lr_scheduler", "scaler", "args"} <= set(ckpt)
+    assert ckpt["epoch"] == 0 and {"model", "optimizer", "lr_scheduler", "args"} <= set(ckpt)
     assert ckpt["args"]["world_size"] == 2
     model = torch.load(out / "model.pth", map_location="cpu", weights_only=False)
     assert model["model_name"] == "fcos_r18"

@@ -105,7 +105,7 @@ def get_args_parser():
                         "the parts of its overhead (teacher side, phi, student side; bench.py)")
     # demo and grid (the paper's Table 2 in miniature): schedules of their steps
     p.add_argument("--smoke", action="store_true",
-                   help="--stage demo: every stage on a few tiny images for a few iterations (about 30 s on a CPU)")
+                   help="--stage demo: its steps on a few tiny images for a few iterations")
     p.add_argument("--teachers", default="fcos_r34,faster_rcnn_r50",
                    help="--stage grid: teacher detectors; random_<name> is that architecture untrained (the control)")
     p.add_argument("--students", default="retinanet_r18_v2,fcos_r18", help="--stage grid: student detectors")
@@ -173,10 +173,9 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
         raise UserError(f"{len(train_loader.dataset)} training images make no full batch of {args.batch_size} per "
                         f"process; lower --batch-size or use more images")
     scheduler = build_scheduler(optimizer, args, iters_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for the ckpt format
     start_epoch, start_iter, metrics = 0, 0, {}
     if resume is not None:
-        start_epoch, start_iter, metrics = restore(resume, module, optimizer, scheduler, scaler, generator, args,
+        start_epoch, start_iter, metrics = restore(resume, module, optimizer, scheduler, generator, args,
                                                    iters_per_epoch)
         log(args, f"resumed from {args.resume} at epoch {start_epoch}, iteration {start_iter}")
     jsonl = start_run(args, fresh=resume is None)
@@ -186,7 +185,7 @@ def fit(args, device, module, loss_fn, params, optimizer, train_loader, evaluate
         if is_main(args):
             atomic_save({"kind": CHECKPOINT_KIND, "stage": args.stage, "run": args.run_name,
                          "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                         "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                         "lr_scheduler": scheduler.state_dict(), "epoch": epoch,
                          "iteration": iteration, "layout": data_layout(args, iters_per_epoch), "metrics": metrics,
                          "args": vars(args), "rng": torch.get_rng_state(),
                          "generator": generator.get_state() if generator is not None else None}, checkpoint)
@@ -265,7 +264,7 @@ def data_layout(args, iters_per_epoch):
             "seed": args.seed}
 
 
-def restore(ckpt, module, optimizer, scheduler, scaler, generator, args, iters_per_epoch):
+def restore(ckpt, module, optimizer, scheduler, generator, args, iters_per_epoch):
     """Loads a checkpoint's states -> (epoch, iteration within it, metrics) to continue from; a UserError when the
     checkpoint does not fit this run (other model flags, or another data layout for a mid-epoch resume)."""
     layout = ckpt.get("layout", data_layout(args, iters_per_epoch))
@@ -277,7 +276,6 @@ def restore(ckpt, module, optimizer, scheduler, scaler, generator, args, iters_p
         module.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"--resume {args.resume}: does not fit this run ({str(e).splitlines()[0][:200]}); resume with "
                         f"the flags of its args.json") from None
@@ -320,7 +318,7 @@ def prepare_run(args, default_name):
     args.run_name = default_name
     args.output_dir = args.output_dir or os.path.join("runs", default_name)
     ckpt = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = load_checkpoint(args.resume, args) if args.resume else None
+    resume = load_resume_checkpoint(args.resume, args) if args.resume else None
     if os.path.exists(ckpt) and not (args.resume and os.path.samefile(args.resume, ckpt)):
         raise UserError(f"{ckpt} exists from an earlier run; pass --resume {ckpt} to continue it "
                         f"or --output-dir to start a new one")
@@ -354,7 +352,7 @@ class JsonlLogger:
                 f.write(json.dumps(record) + "\n")
 
 
-def load_checkpoint(path, args=None):
+def load_resume_checkpoint(path, args=None):
     """A resumable checkpoint (of this stage and model when args are given), or a UserError naming the problem."""
     ckpt = load_user_file(path, "--resume", "a checkpoint", "pass the checkpoint.pth of an earlier run")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
@@ -386,7 +384,7 @@ def build_data(args, with_masks):
     train_ds = data.build_dataset(args, "train", with_masks=with_masks)
     val_ds = data.build_dataset(args, "val")
     log(args, f"train: {train_ds.summary()}\nval: {val_ds.summary()}")
-    note = data.check_splits(train_ds, val_ds)
+    note = data.splits_note(train_ds, val_ds)
     if note:
         log(args, note)
     loader = dict(workers=args.workers, rank=args.rank, world_size=args.world_size, seed=args.seed)
@@ -689,7 +687,7 @@ def stage_dump(args, device):
     writer = store.StoreWriter(path, store.dump_params(ake_file, ake_path, ids, flips, args.dump_dtype,
                                                        args.dump_shard_images, args.batch_size, args.seed,
                                                        args.min_size, args.max_size))
-    resuming = writer.check()
+    resuming = writer.resuming()
     teacher = build_frozen_teacher(ake_file["teacher"], train_ds.num_classes, ake_file["teacher_weights"], args,
                                    device)
     model = frozen_unikd(ake_file).to(device)

@@ -70,7 +70,7 @@ def clip_xyxy(boxes):
 
 
 def boxes_from_centres(cx, cy, w, h):
-    return clip_xyxy(torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1))
+    return clip_xyxy(box_convert(torch.stack([cx, cy, w, h], -1), "cxcywh", "xyxy"))
 
 
 def uniform(shape, low, high, generator, device):
@@ -293,7 +293,7 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, src, pos, reference, spatial_shapes, level_start_index):
-        """src, pos [B, S, C]; reference [B, S, L, 2]."""
+        """src [B, S, C], pos [B or 1, S, C]; reference [B, S, L, 2]."""
         out = self.self_attn(src + pos, reference, src, spatial_shapes, level_start_index)
         src = self.norm_attn(src + self.dropout(out))
         if self.ffn is None:
@@ -316,8 +316,8 @@ class MLP(nn.Module):
 
 
 def inverse_sigmoid(x, eps=1e-5):
-    x = x.clamp(0, 1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+    """Deformable DETR's inverse_sigmoid: log(x / (1 - x)) with x kept within [eps, 1 - eps]."""
+    return torch.logit(x, eps=eps)
 
 
 def xavier_init_linears(module):
@@ -355,7 +355,7 @@ class AKE(nn.Module):
         super().__init__()
         if kind not in ("content", "positional"):
             raise ValueError(f"AKE kind must be 'content' or 'positional', got {kind!r}")
-        self.kind, self.d_model, self.n_levels, self.num_queries = kind, d_model, n_levels, num_queries
+        self.kind, self.d_model, self.n_levels = kind, d_model, n_levels
         layer = dict(d_model=d_model, n_heads=n_heads, n_levels=n_levels, n_points=n_points, dim_ffn=dim_ffn,
                      dropout=dropout)
         if kind == "content":
@@ -495,7 +495,7 @@ class UniKD(nn.Module):
     def pretrain_loss(self, teacher_feats, targets, generator=None):
         """Eq. (6) for both AKEs on the (frozen, detached) teacher levels -> dict of weighted loss terms."""
         device = teacher_feats[0].device
-        boxes, pos_mask = self.sample_boxes(targets, device, generator)
+        boxes, _ = self.sample_boxes(targets, device, generator)
         num_boxes = num_boxes_across_ranks(sum(len(t["boxes"]) for t in targets), device)
         losses = {}
 

@@ -6,6 +6,7 @@ only rank 0 prints it (every rank hits the same check), except errors local to o
 reads), which that rank prints.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -66,13 +67,12 @@ def exit_2_after_rank_0():
 
 def exit_on_user_error(main):
     """Decorator for CLI entry points: UserError -> one line on stderr, exit code 2."""
+    @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as e:
             report_user_error(e)
-    wrapped.__name__ = getattr(main, "__name__", "main")
-    wrapped.__doc__ = main.__doc__
     return wrapped
 
 
