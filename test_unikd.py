@@ -660,8 +660,8 @@ def test_builds_and_hook_returns_four_levels_at_strides_8_to_64(family, backbone
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hooked_forward_returns_exactly_the_plain_forward(family):
     # score threshold 0: an untrained head's scores sit near its prior (~0.01), and empty outputs would compare equal
-    model = build(f"{family}_r18", box_score_thresh=0.0) if "rcnn" in family else build(f"{family}_r18",
-                                                                                          score_thresh=0.0)
+    model = build(f"{family}_r18", box_score_thresh=0.0, box_detections_per_img=10) if "rcnn" in family else \
+        build(f"{family}_r18", score_thresh=0.0)
     images, targets = images_and_targets(with_masks=family == "mask_rcnn")
     model.eval()
     with torch.no_grad():
@@ -1133,7 +1133,8 @@ STAGE_SUFFIXES = ("convnext_t", "convnext_s", "convnext_b", "swin_t", "swin_s", 
 @pytest.mark.parametrize("suffix", STAGE_SUFFIXES)
 def test_convnext_and_swin_backbones_give_the_four_levels_and_the_plain_forward(suffix, family):
     name = f"{family}_{suffix}"
-    model = build(name, box_score_thresh=0.0) if family == "mask_rcnn" else build(name, score_thresh=0.0)
+    model = build(name, box_score_thresh=0.0, box_detections_per_img=10) if family == "mask_rcnn" else \
+        build(name, score_thresh=0.0)
     assert detectors.backbone_arch(name) == detectors.BACKBONES[suffix] and detectors.fpn_channels(model) == 256
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)) for m in model.modules())
     images, targets = images_and_targets(with_masks=family == "mask_rcnn")
