@@ -2118,6 +2118,16 @@ def test_decoder_layer_matches_a_plain_layer():
                 torch.testing.assert_close(weights.sum((-2, -1)), torch.ones(2, 5, 4))
 
 
+def brute_force_matching(cost, n):
+    """cost [n, m] of one image -> (query indices, GT indices) of the cheapest one-to-one pairing of min(n, m) pairs,
+    found by trying every pairing."""
+    m = cost.shape[1]
+    pairings = ([(range(n), gts) for gts in itertools.permutations(range(m), n)] if m >= n else
+                [(queries, range(m)) for queries in itertools.permutations(range(n), m)])
+    best = min(pairings, key=lambda qg: sum(cost[q, j].item() for q, j in zip(*qg)))
+    return tuple(torch.tensor(list(x)) for x in best)
+
+
 def test_pretrain_loss_is_eq6_with_optimal_matching_for_content_and_row_i_for_positional():
     """Eq. (6) for both AKEs assembled here: the content AKE's set loss on the assignment a brute force over all
     one-to-one pairings finds, normalised by the GT count; the positional AKE's on row i <-> GT i for the first
@@ -2134,14 +2144,7 @@ def test_pretrain_loss_is_eq6_with_optimal_matching_for_content_and_row_i_for_po
         out_ct = model.ake_ct.head(model.ake_ct.extract(q_ct, tf), q_ct)
         out_pos = model.ake_pos.head(model.ake_pos.extract(q_pos, tf), q_pos)
         cost = model.matcher.cost_matrix(*out_ct, targets)                                 # [B, N, sum M]
-    matched, first = [], 0
-    for b, t in enumerate(targets):
-        m = len(t["boxes"])
-        pairings = ([(range(n), gts) for gts in itertools.permutations(range(m), n)] if m >= n else
-                    [(queries, range(m)) for queries in itertools.permutations(range(n), m)])
-        best = min(pairings, key=lambda qg: sum(cost[b, q, first + j].item() for q, j in zip(*qg)))
-        matched.append(tuple(torch.tensor(list(x)) for x in best))
-        first += m
+    matched = [brute_force_matching(c[b], n) for b, c in enumerate(cost.split([4, 2], -1))]
     row_i = [(torch.arange(k), torch.arange(k)) for k in (3, 2)]
     expected = {**{f"loss_ct_{k}": v for k, v in unikd.set_loss(*out_ct, targets, matched, 6).items()},
                 **{f"loss_pos_{k}": v for k, v in unikd.set_loss(*out_pos, targets, row_i, 5).items()}}
@@ -2249,14 +2252,10 @@ def test_kd_loss_is_eq7_with_each_akes_positives_and_weight():
         z_ct_s, z_pos_s = model.ake_ct.extract(q_ct, sf), model.ake_pos.extract(q_pos, sf)
         cost = model.matcher.cost_matrix(*model.ake_ct.head(z_ct_t, q_ct), targets)     # [B, N, sum M]
     n = SMALL["num_queries"]
-    pos_ct, pos_pos, first = torch.zeros(2, n, dtype=torch.bool), torch.zeros(2, n, dtype=torch.bool), 0
-    for b, t in enumerate(targets):
-        m = len(t["boxes"])
-        best = min(itertools.permutations(range(n), m),
-                   key=lambda rows: sum(cost[b, r, first + j].item() for j, r in enumerate(rows)))
-        pos_ct[b, list(best)] = True
+    pos_ct, pos_pos = torch.zeros(2, n, dtype=torch.bool), torch.zeros(2, n, dtype=torch.bool)
+    for b, c in enumerate(cost.split([2, 1], -1)):
+        pos_ct[b, brute_force_matching(c[b], n)[0]] = True
         pos_pos[b, :sampled[b][1]] = True
-        first += m
 
     def eq8(z_s, z_t, positive):
         per_query = {True: [], False: []}
