@@ -106,9 +106,9 @@ def get_args_parser():
     # demo and grid (the paper's Table 2 in miniature): schedules of their steps
     p.add_argument("--smoke", action="store_true",
                    help="--stage demo: its steps on a few tiny images for a few iterations")
-    p.add_argument("--teachers", default="fcos_r34,faster_rcnn_r50",
+    p.add_argument("--teachers", default="fcos_r34,atss_r34",
                    help="--stage grid: teacher detectors; random_<name> is that architecture untrained (the control)")
-    p.add_argument("--students", default="retinanet_r18_v2,fcos_r18", help="--stage grid: student detectors")
+    p.add_argument("--students", default="fcos_r18,atss_r18", help="--stage grid: student detectors")
     p.add_argument("--methods", default="none,fitnet,unikd", help="--stage grid: distillation methods")
     p.add_argument("--seeds", default="0,1,2", help="--stage grid: student seeds (teacher and AKE: seed 0)")
     p.add_argument("--teacher-epochs", default=None, type=int, help="--stage demo/grid: teacher training epochs")
