@@ -19,8 +19,8 @@ import torch
 
 import detectors
 from data import resolve_sizes
-from utils import (UserError, atomic_write_json, atomic_write_text, canonical_model_name, cpu_has_bf16_units, is_main,
-                   log)
+from utils import (UserError, atomic_write_json, atomic_write_text, canonical_model_name, cpu_has_bf16_units,
+                   file_sha256, is_main, log)
 
 # flags a demo or grid passes on to each of its steps (data, image size, loader, device, precision, smoke caps)
 PASSED_ON = ("data_path", "train_images", "train_ann", "val_images", "val_ann", "min_size", "max_size",
@@ -75,9 +75,9 @@ class Steps:
                                                                             else [value])]
         return flags
 
-    def run(self, out_dir, argv):
-        """One stage as its own run in out_dir -> its result.json ({"metrics", "seconds", "command"}). A step whose
-        result.json exists is skipped; an interrupted one continues from its checkpoint."""
+    def run(self, out_dir, argv, record=None):
+        """One stage as its own run in out_dir -> its result.json ({"metrics", "seconds", "command"}, and record's
+        items). A step whose result.json exists is skipped; an interrupted one continues from its checkpoint."""
         args = self.args
         result_file = os.path.join(out_dir, "result.json")
         if os.path.isfile(result_file):
@@ -97,7 +97,7 @@ class Steps:
         log(args, f"== {' '.join(argv)}")
         metrics = self.stages[step.stage](step, self.device)
         result = {"metrics": metrics, "seconds": time.time() - t0, "command": "python train.py " + " ".join(argv),
-                  "threads": torch.get_num_threads(), "device": str(self.device)}
+                  "threads": torch.get_num_threads(), "device": str(self.device), **(record or {})}
         if is_main(args):
             atomic_write_json(result_file, result)
         return result
@@ -115,9 +115,12 @@ class Steps:
         return t, a, os.path.join(adir, "ake.pth")
 
     def student(self, out_dir, student, method, seed, ake):
-        """One student cell in out_dir (cell_dir's)."""
+        """One student cell in out_dir (cell_dir's). A cell with KD records which AKE file it learned from
+        (ake_sha256): two trainings of one teacher command differ by as much as two methods can (RESULTS.md)."""
+        record = {"ake_sha256": file_sha256(ake)} if method != "none" and os.path.isfile(ake) else {}
         return self.run(out_dir, ["--stage", "distill", "--student", student, "--method", method, "--ake", ake,
-                                  "--seed", str(seed), "--epochs", str(self.args.student_epochs), "--eval-every", "0"])
+                                  "--seed", str(seed), "--epochs", str(self.args.student_epochs), "--eval-every", "0"],
+                        record)
 
 
 def cell_dir(root, teacher, student, method, seed):
@@ -257,7 +260,7 @@ def stage_grid(args, steps):
         chains = {teacher: pool.submit(in_worker, steps, "teacher_and_ake", root, teacher) for teacher in teachers}
         for teacher in teachers:
             t, a, ake = chains[teacher].result()
-            prerequisites[teacher] = (t, a)
+            prerequisites[teacher] = (t, a, ake)
             for student, method, seed in itertools.product(students, methods, seeds):
                 out_dir = cell_dir(root, teacher, student, method, seed)
                 if out_dir not in runs:  # a cell without KD serves every teacher's row
@@ -274,7 +277,8 @@ def stage_grid(args, steps):
 
 def grid_table(args, root, prerequisites, cells, teachers, students, methods, seeds, passed_on=()):
     """results.md: teacher and AKE AP, then per (teacher, student) the mean +- std AP over seeds of each method
-    and its gain over `none`, and the commands that reproduce every number."""
+    and its gain over `none`, notes on cells that cannot be compared, and the commands that reproduce every number.
+    prerequisites: {teacher: (teacher result, AKE result, ake.pth)}."""
     def ap(result):
         return result["metrics"].get("AP", float("nan"))
 
@@ -287,7 +291,7 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
     out = [f"# UniKD grid ({root})", "", f"Seeds {seeds}; AP = COCO box AP on the validation set, mean ± std over "
            f"seeds; gain = mean AP − mean AP of `none`.", "", "| teacher | teacher AP | AKE AP |", "| --- | ---: | ---: |"]
     for teacher in teachers:
-        t, a = prerequisites[teacher]
+        t, a, _ = prerequisites[teacher]
         out.append(f"| {teacher} | " + " | ".join("—" if r is None else f"{ap(r):.3f}" for r in (t, a)) + " |")
     columns = methods + [f"gain {m}" for m in methods if m != "none"]
     out += ["", "| teacher → student | " + " | ".join(columns) + " |",
@@ -307,7 +311,10 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
                 not teacher.startswith(RANDOM_PREFIX):  # the control is meant to know nothing
             weaker.append(f"{teacher} (AP {ap(t):.3f}) is not stronger than {student} without KD (AP "
                           f"{statistics.mean(values['none']):.3f}): nothing to distil; give it more --teacher-epochs.")
-    out += ([""] + [f"Note: {line}" for line in weaker]) if weaker else []
+    shown = {key: r for key, r in cells.items() if key[1] in students and key[2] in methods and key[3] in seeds}
+    notes = weaker + [line for teacher in teachers
+                      for line in other_ake_trainings(teacher, prerequisites[teacher][2], shown)]
+    out += ([""] + [f"Note: {line}" for line in notes]) if notes else []
     out += ["", "Commands (each cell's own `result.json` holds its command and wall time):", "", "```",
             "python train.py --stage grid " + " ".join(
                 ["--teachers", ",".join(teachers), "--students", ",".join(students), "--methods", ",".join(methods),
@@ -315,7 +322,17 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
                  "--pretrain-epochs", str(args.pretrain_epochs), "--student-epochs", str(args.student_epochs)]
                 + list(passed_on) + (["--output-dir", root] if args.output_dir else []))]
     for teacher in teachers:  # in the order they ran
-        out += [r["command"] for r in prerequisites[teacher] if r is not None]
+        out += [r["command"] for r in prerequisites[teacher][:2] if r is not None]
         out += [r["command"] for (t, *_), r in cells.items() if t == teacher and r is not None]
     out += ["```", ""]
     return "\n".join(out)
+
+
+def other_ake_trainings(teacher, ake, cells):
+    """A note for the KD cells of teacher's rows that learned from another file than the AKE now at ake (the teacher
+    and its AKE trained again in this root): their APs and those of the cells beside them are not comparable."""
+    now = file_sha256(ake) if os.path.isfile(ake) else None
+    other = [f"{student} {method} seed {seed}" for (t, student, method, seed), r in cells.items()
+             if t == teacher and r is not None and r.get("ake_sha256", now) != now]
+    return [f"{teacher} → {', '.join(other)} learned from another training of {teacher} and its AKE than {ake}: "
+            f"compare methods only between cells of one training."] if other else []

@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import argparse
 import ast
 import copy
+import hashlib
 import inspect
 import itertools
 import json
@@ -3224,6 +3225,11 @@ def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
         assert col == f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
     assert cols[3] == f"{np.mean([aps['unikd', 0], aps['unikd', 1]]) - np.mean([aps['none', 0], aps['none', 1]]):+.3f}"
     assert "heterogeneous" in row and "python train.py --stage grid" in md
+    ake = hashlib.sha256((root / "ake_fcos_r18" / "ake.pth").read_bytes()).hexdigest()
+    for s in (0, 1):  # each KD cell records the AKE file it learned from; a cell without KD learns from none
+        assert json.loads((root / f"fcos_r18__retinanet_r18_v2__unikd__s{s}" / "result.json").read_text())[
+            "ake_sha256"] == ake
+        assert "ake_sha256" not in json.loads((root / f"none__retinanet_r18_v2__s{s}" / "result.json").read_text())
     teacher_ap = json.loads((root / "teacher_fcos_r18" / "result.json").read_text())["metrics"]["AP"]
     weaker = teacher_ap <= np.mean([aps["none", 0], aps["none", 1]])
     assert ("Note: fcos_r18 (AP" in md and "not stronger than retinanet_r18_v2" in md) == weaker
@@ -3324,14 +3330,19 @@ def test_demo_says_plainly_whether_unikd_beat_the_student_alone():
     assert grid.demo_verdict(0.40, 0.25, 0.30).startswith("UniKD beat the student alone by +0.050 AP")
     assert "did not beat the student alone (AP 0.252 against 0.250)" in grid.demo_verdict(0.40, 0.25, 0.252)
 
-def test_grid_table_flags_a_teacher_weaker_than_its_student_and_partial_cells():
+def test_grid_table_flags_a_weaker_teacher_partial_cells_and_cells_of_another_ake(tmp_path):
     import train
     args = train.get_args_parser().parse_args(["--teacher-epochs", "1", "--pretrain-epochs", "1",
                                                "--student-epochs", "1"])
-    result = lambda ap: {"metrics": {"AP": ap}, "command": "python train.py ..."}  # noqa: E731
-    prerequisites = {"fcos_r50": (result(0.05), result(0.01)), "retinanet_r50": (result(0.01), None)}
+    result = lambda ap, **kw: {"metrics": {"AP": ap}, "command": "python train.py ...", **kw}  # noqa: E731
+    ake = tmp_path / "ake.pth"
+    ake.write_bytes(b"the AKE of the second training")
+    earlier = hashlib.sha256(b"the AKE of the first training").hexdigest()
+    prerequisites = {"fcos_r50": (result(0.05), result(0.01), str(ake)),
+                     "retinanet_r50": (result(0.01), None, str(tmp_path / "ake_retinanet_r50" / "ake.pth"))}
     cells = {("fcos_r50", "fcos_r18", "none", 0): result(0.02), ("fcos_r50", "fcos_r18", "none", 1): result(0.04),
-             ("fcos_r50", "fcos_r18", "unikd", 0): result(0.05), ("fcos_r50", "fcos_r18", "unikd", 1): None,
+             ("fcos_r50", "fcos_r18", "unikd", 0): result(0.05, ake_sha256=earlier),
+             ("fcos_r50", "fcos_r18", "unikd", 1): None,
              ("retinanet_r50", "fcos_r18", "none", 0): result(0.02), ("retinanet_r50", "fcos_r18", "none", 1): None,
              ("retinanet_r50", "fcos_r18", "unikd", 0): None, ("retinanet_r50", "fcos_r18", "unikd", 1): None}
     md = grid.grid_table(args, "runs/grid", prerequisites, cells, ["fcos_r50", "retinanet_r50"], ["fcos_r18"],
@@ -3347,7 +3358,12 @@ def test_grid_table_flags_a_teacher_weaker_than_its_student_and_partial_cells():
     assert table == ["| teacher → student | none |", "| --- | ---: |", "| fcos_r50 → fcos_r18 (homogeneous) | 0.020 |"]
     assert "| retinanet_r50 | 0.010 | — |" in md
     notes = [l for l in md.splitlines() if l.startswith("Note:")]
-    assert len(notes) == 1 and notes[0].startswith("Note: retinanet_r50 (AP 0.010) is not stronger than fcos_r18")
+    assert len(notes) == 2 and notes[0].startswith("Note: retinanet_r50 (AP 0.010) is not stronger than fcos_r18")
+    assert notes[1].startswith("Note: fcos_r50 → fcos_r18 unikd seed 0 learned from another training of fcos_r50")
+    # the same cell from the AKE file now in the root: nothing to flag
+    cells["fcos_r50", "fcos_r18", "unikd", 0]["ake_sha256"] = hashlib.sha256(ake.read_bytes()).hexdigest()
+    md = grid.grid_table(args, "runs/grid", prerequisites, cells, ["fcos_r50"], ["fcos_r18"], ["none", "unikd"], [0, 1])
+    assert "Note:" not in md
 
 
 def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path):
