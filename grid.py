@@ -8,6 +8,7 @@ train.py dispatches here and hands over its parser and stages (this file does no
     python train.py --stage grid --teachers fcos_r34 --students fcos_r18,retinanet_r18_v2 --methods none,fitnet,unikd
 """
 import concurrent.futures
+import functools
 import itertools
 import json
 import multiprocessing
@@ -117,10 +118,25 @@ class Steps:
     def student(self, out_dir, student, method, seed, ake):
         """One student cell in out_dir (cell_dir's). A cell with KD records which AKE file it learned from
         (ake_sha256): two trainings of one teacher command differ by as much as two methods can (RESULTS.md)."""
-        record = {"ake_sha256": file_sha256(ake)} if method != "none" and os.path.isfile(ake) else {}
+        digest = ake_sha256(ake) if method != "none" else None
+        record = {"ake_sha256": digest} if digest else {}
         return self.run(out_dir, ["--stage", "distill", "--student", student, "--method", method, "--ake", ake,
                                   "--seed", str(seed), "--epochs", str(self.args.student_epochs), "--eval-every", "0"],
                         record)
+
+
+def ake_sha256(path):
+    """The SHA-256 of the AKE file at path (None if there is none), read once per version of the file: every cell of a
+    teacher's rows asks for the same one."""
+    if not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    return file_sha256_of_version(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def file_sha256_of_version(path, mtime_ns, size):
+    return file_sha256(path)
 
 
 def cell_dir(root, teacher, student, method, seed):
@@ -331,7 +347,7 @@ def grid_table(args, root, prerequisites, cells, teachers, students, methods, se
 def other_ake_trainings(teacher, ake, cells):
     """A note for the KD cells of teacher's rows that learned from another file than the AKE now at ake (the teacher
     and its AKE trained again in this root): their APs and those of the cells beside them are not comparable."""
-    now = file_sha256(ake) if os.path.isfile(ake) else None
+    now = ake_sha256(ake)
     other = [f"{student} {method} seed {seed}" for (t, student, method, seed), r in cells.items()
              if t == teacher and r is not None and r.get("ake_sha256", now) != now]
     return [f"{teacher} → {', '.join(other)} learned from another training of {teacher} and its AKE than {ake}: "

@@ -3366,6 +3366,19 @@ def test_grid_table_flags_a_weaker_teacher_partial_cells_and_cells_of_another_ak
     assert "Note:" not in md
 
 
+
+def test_grid_reads_each_version_of_an_ake_file_once(tmp_path, monkeypatch):
+    reads = []
+    monkeypatch.setattr(grid, "file_sha256", lambda path: reads.append(path) or utils.file_sha256(path))
+    ake = tmp_path / "ake.pth"
+    assert grid.ake_sha256(str(ake)) is None and reads == []
+    ake.write_bytes(b"the AKE of the first training")
+    digests = [grid.ake_sha256(str(ake)) for _ in range(3)]  # every cell of a teacher's rows asks
+    assert digests == [hashlib.sha256(b"the AKE of the first training").hexdigest()] * 3 and len(reads) == 1
+    ake.write_bytes(b"the AKE of a second training")  # the teacher and its AKE trained again: read anew
+    assert grid.ake_sha256(str(ake)) == hashlib.sha256(b"the AKE of a second training").hexdigest()
+    assert len(reads) == 2
+
 def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path):
     from torchvision.io import decode_png, read_file
     cwd, one = pretrained
