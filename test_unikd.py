@@ -10,8 +10,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse
 import ast
+import contextlib
 import copy
 import hashlib
+import io
 import inspect
 import itertools
 import json
@@ -1606,7 +1608,7 @@ def test_training_on_odd_but_usable_data_logs_what_was_dropped_and_a_refusal_cha
     write_coco(tmp_path / "odd" / "ann.json", [{"id": 1, "file_name": "b.png", "height": 40, "width": 60}] * 2, anns,
                [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}])
     resumed = flags + ["--epochs", "2", "--resume", str(out / "checkpoint.pth")]
-    assert_user_error(run(resumed, tmp_path), "lists images id 1 more than once")
+    assert_user_error(refused(resumed, tmp_path), "lists images id 1 more than once")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -2445,6 +2447,20 @@ def run(args, cwd, torchrun=None, timeout=600):
     return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def refused(args, cwd):
+    """What run() returns, from train.py's main in this process: for commands refused before anything trains, without
+    an interpreter's start-up (~4 s). Each test of refusals keeps one through run(), the real exit path."""
+    import train
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            train.main(args)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def assert_user_error(res, *words):
     """One line on stderr naming the problem, exit code 2, no traceback."""
     assert res.returncode == 2, res.stdout + res.stderr
@@ -2491,7 +2507,7 @@ def test_killed_run_resumes_to_the_same_epoch_count(tmp_path):
     first = torch.load(ckpt_path, map_location="cpu", weights_only=False)["epoch"]
     assert first < 2, "the run finished before it could be killed; the test proves nothing"
     # without --resume the earlier run is not overwritten
-    res = run(args, tmp_path)
+    res = refused(args, tmp_path)
     assert_user_error(res, "--resume")
     res = run(args + ["--resume", str(ckpt_path)], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -2679,36 +2695,37 @@ def test_embedded_data_gets_the_small_data_recipe_and_coco_format_data_the_paper
 def test_bad_input_is_one_clear_line(tmp_path):
     res = run(["--stage", "train", "--data-path", str(tmp_path / "nowhere")] + TINY, tmp_path)
     assert_user_error(res, "--data-path")
-    res = run(["--stage", "train", "--model", "yolo_r50"] + TINY, tmp_path)
+    res = refused(["--stage", "train", "--model", "yolo_r50"] + TINY, tmp_path)
     assert_user_error(res, "yolo_r50", "retinanet_r50")
-    res = run(["--stage", "train", "--model", "deformable_detr_r152"] + TINY, tmp_path)  # a backbone it has not
+    res = refused(["--stage", "train", "--model", "deformable_detr_r152"] + TINY, tmp_path)  # a backbone it has not
     assert_user_error(res, "deformable_detr_r152", "deformable_detr_r50")
     other_family = tmp_path / "fcos.pth"
     torch.save(detectors.build_detector("fcos_r18", 9).state_dict(), other_family)
-    res = run(["--stage", "train", "--model", "deformable_detr_r18", "--weights", str(other_family)] + TINY, tmp_path)
+    res = refused(["--stage", "train", "--model", "deformable_detr_r18", "--weights", str(other_family)] + TINY,
+                  tmp_path)
     assert_user_error(res, "fcos.pth", "does not fit this model")
     # --resume of a file that is not a checkpoint: refused, and the file is untouched
     bogus = tmp_path / "notes.pth"
     bogus.write_text("not a checkpoint")
-    res = run(["--stage", "train", "--model", "fcos_r18", "--resume", str(bogus)] + TINY, tmp_path)
+    res = refused(["--stage", "train", "--model", "fcos_r18", "--resume", str(bogus)] + TINY, tmp_path)
     assert_user_error(res, "not a checkpoint")
     assert bogus.read_text() == "not a checkpoint"
     plain = tmp_path / "plain.pth"
     torch.save({"weights": torch.zeros(1)}, plain)
-    res = run(["--stage", "train", "--model", "fcos_r18", "--resume", str(plain), "--output-dir",
-               str(tmp_path / "o2")] + TINY, tmp_path)
+    res = refused(["--stage", "train", "--model", "fcos_r18", "--resume", str(plain), "--output-dir",
+                   str(tmp_path / "o2")] + TINY, tmp_path)
     assert_user_error(res, "not a train.py checkpoint")
     # --resume of a missing file or another run's checkpoint: refused before anything in the output dir changes
     out = tmp_path / "o3"
     out.mkdir()
     (out / "args.json").write_text("earlier")
-    res = run(["--stage", "train", "--model", "fcos_r18", "--resume", str(tmp_path / "none.pth"), "--output-dir",
-               str(out)] + TINY, tmp_path)
+    res = refused(["--stage", "train", "--model", "fcos_r18", "--resume", str(tmp_path / "none.pth"), "--output-dir",
+                   str(out)] + TINY, tmp_path)
     assert_user_error(res, "no such file")
     other = tmp_path / "other.pth"
     torch.save({"kind": "unikd_checkpoint", "stage": "pretrain", "run": "pretrain_fcos_r18", "model": {}}, other)
-    res = run(["--stage", "train", "--model", "fcos_r18", "--resume", str(other), "--output-dir", str(out)] + TINY,
-              tmp_path)
+    res = refused(["--stage", "train", "--model", "fcos_r18", "--resume", str(other), "--output-dir", str(out)]
+                  + TINY, tmp_path)
     assert_user_error(res, "pretrain_fcos_r18", "train_fcos_r18")
     assert (out / "args.json").read_text() == "earlier"
 
@@ -2723,8 +2740,8 @@ def test_bad_annotations_and_images(tmp_path):
     res = run(flags + ["--train-images", str(imgs), "--train-ann", str(malformed), "--val-images", str(imgs),
                        "--val-ann", str(malformed)], tmp_path)
     assert_user_error(res, "bad.json")
-    res = run(flags + ["--train-images", str(imgs), "--train-ann", str(tmp_path / "missing.json"),
-                       "--val-images", str(imgs), "--val-ann", str(tmp_path / "missing.json")], tmp_path)
+    res = refused(flags + ["--train-images", str(imgs), "--train-ann", str(tmp_path / "missing.json"),
+                           "--val-images", str(imgs), "--val-ann", str(tmp_path / "missing.json")], tmp_path)
     assert_user_error(res, "missing.json")
     # a corrupt image file named in a valid annotation file
     (imgs / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
@@ -2734,8 +2751,8 @@ def test_bad_annotations_and_images(tmp_path):
            "categories": [{"id": 3, "name": "thing"}]}
     good = tmp_path / "ann.json"
     good.write_text(json.dumps(ann))
-    res = run(flags + ["--train-images", str(imgs), "--train-ann", str(good), "--val-images", str(imgs),
-                       "--val-ann", str(good)], tmp_path)
+    res = refused(flags + ["--train-images", str(imgs), "--train-ann", str(good), "--val-images", str(imgs),
+                           "--val-ann", str(good)], tmp_path)
     assert_user_error(res, "broken.jpg")
 
 
@@ -2898,25 +2915,25 @@ def test_pretrain_and_distill_bad_input(pretrained, tmp_path):
     res = run(["--stage", "pretrain", "--teacher", "retinanet_r18"] + one, tmp_path)
     assert_user_error(res, "--stage train --model retinanet_r18")
     # no AKE anywhere
-    res = run(["--stage", "distill", "--student", "fcos_r18"] + one, tmp_path)
+    res = refused(["--stage", "distill", "--student", "fcos_r18"] + one, tmp_path)
     assert_user_error(res, "--stage pretrain")
     # --ake pointing at a file that is not an AKE
     not_ake = cwd / "runs" / "train_fcos_r18" / "model.pth"
-    res = run(["--stage", "distill", "--student", "fcos_r18", "--ake", str(not_ake), "--output-dir",
-               str(tmp_path / "a")] + one, cwd)
+    res = refused(["--stage", "distill", "--student", "fcos_r18", "--ake", str(not_ake), "--output-dir",
+                   str(tmp_path / "a")] + one, cwd)
     assert_user_error(res, "not an AKE")
     ake = cwd / "runs" / "pretrain_fcos_r18" / "ake.pth"
     # an AKE of another teacher than --teacher says
-    res = run(["--stage", "distill", "--student", "fcos_r18", "--ake", str(ake), "--teacher", "retinanet_r50",
-               "--output-dir", str(tmp_path / "b")] + one, cwd)
+    res = refused(["--stage", "distill", "--student", "fcos_r18", "--ake", str(ake), "--teacher", "retinanet_r50",
+                   "--output-dir", str(tmp_path / "b")] + one, cwd)
     assert_user_error(res, "fcos_r18", "retinanet_r50")
     # an AKE trained for another class count
     blob = torch.load(ake, map_location="cpu", weights_only=False)
     blob["num_classes"] = 81
     other = tmp_path / "ake_coco.pth"
     torch.save(blob, other)
-    res = run(["--stage", "distill", "--student", "fcos_r18", "--ake", str(other), "--output-dir",
-               str(tmp_path / "c")] + one, cwd)
+    res = refused(["--stage", "distill", "--student", "fcos_r18", "--ake", str(other), "--output-dir",
+                   str(tmp_path / "c")] + one, cwd)
     assert_user_error(res, "80 classes")
 
 
@@ -3139,16 +3156,16 @@ def test_offline_bad_input_is_one_clear_line(dumped, tmp_path):
         shutil.copytree(store_dir, dst)
         return dst
 
-    def offline(store, *extra):
-        return run(distill + ["--offline", str(store), "--output-dir", str(tmp_path / ("out_" + store.name))]
-                   + list(extra), cwd)
+    def offline(store, *extra, check=refused):
+        return check(distill + ["--offline", str(store), "--output-dir", str(tmp_path / ("out_" + store.name))]
+                     + list(extra), cwd)
 
     ake = cwd / "runs" / "pretrain_fcos_r18" / "ake.pth"
     blob = torch.load(ake, map_location="cpu", weights_only=False)
     blob["state_dict"]["ake_ct.level_embed"] += 1.0
     other_ake = tmp_path / "other_ake.pth"
     torch.save(blob, other_ake)
-    assert_user_error(offline(store_dir, "--ake", str(other_ake)), "another AKE")
+    assert_user_error(offline(store_dir, "--ake", str(other_ake), check=run), "another AKE")
     assert_user_error(offline(store_dir, "--teacher", "retinanet_r50"), "teacher fcos_r18", "retinanet_r50")
     missing = copy_store("missing")
     index = json.loads((missing / "index.json").read_text())
@@ -3212,8 +3229,16 @@ def run_grid(tmp_path, teachers, students, methods, seeds, extra=()):
     return grid, tmp_path / "runs" / "grid"
 
 
-def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
-    grid, root = run_grid(tmp_path, "fcos_r18", "retinanet_r18_v2", "none,unikd", "0,1")
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    """A finished tiny grid fcos_r18 -> retinanet_r18_v2, none and unikd, seeds 0 and 1 -> (its folder, its command
+    line, its root)."""
+    cwd = tmp_path_factory.mktemp("grid")
+    return (cwd, *run_grid(cwd, "fcos_r18", "retinanet_r18_v2", "none,unikd", "0,1"))
+
+
+def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tiny_grid):
+    tmp_path, grid, root = tiny_grid
     aps = {(m, s): json.loads((root / (f"none__retinanet_r18_v2__s{s}" if m == "none" else
                                        f"fcos_r18__retinanet_r18_v2__{m}__s{s}") / "result.json").read_text())
            ["metrics"]["AP"] for m in ("none", "unikd") for s in (0, 1)}
@@ -3247,8 +3272,8 @@ def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     ran = [l for l in again.stdout.splitlines() if l.startswith("== ")]
     assert len(ran) == 1 and "--method unikd" in ran[0] and "--seed 1" in ran[0]
-    assert_user_error(run(grid[:-len(TINY_PIPELINE)] + ["--methods", "none,distil"] + TINY_PIPELINE, tmp_path),
-                      "--methods", "distil")
+    bad_method = grid[:-len(TINY_PIPELINE)] + ["--methods", "none,distil"] + TINY_PIPELINE
+    assert_user_error(refused(bad_method, tmp_path), "--methods", "distil")
 
 
 def test_grid_random_teacher_control_is_the_untrained_architecture_with_its_own_ake(tmp_path):
@@ -3288,20 +3313,18 @@ def test_grid_runs_a_student_without_kd_once_for_every_teacher(tmp_path):
     assert len(rows) == 2 and all(l.split(" | ")[1] == "0.100" for l in rows)  # both rows read the one none cell
 
 
-def test_grid_jobs_run_steps_in_worker_processes_with_the_results_of_one_process(tmp_path):
+def test_grid_jobs_run_steps_in_worker_processes_with_the_results_of_one_process(tiny_grid, tmp_path):
     """--jobs 2: the steps run in two spawned workers (one thread each here), and every step's metrics equal those
-    of the same steps run one after another in the launcher at the same thread count."""
-    results = {}
-    for jobs in ("1", "2"):
-        (tmp_path / jobs).mkdir()
-        _, root = run_grid(tmp_path / jobs, "fcos_r18", "retinanet_r18_v2", "none,unikd", "0", ["--jobs", jobs])
-        results[jobs] = {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/result.json")}
-    assert sorted(results["2"]) == ["ake_fcos_r18", "fcos_r18__retinanet_r18_v2__unikd__s0",
-                                    "none__retinanet_r18_v2__s0", "teacher_fcos_r18"]
-    for step, result in results["2"].items():
-        assert result["metrics"] == results["1"][step]["metrics"], step
-        assert result["threads"] == results["1"][step]["threads"] == 1 and result["device"] == "cpu"
-    assert_user_error(run(["--stage", "grid", "--jobs", "0"] + TINY_PIPELINE, tmp_path), "--jobs 0")
+    of the same steps run one after another in the launcher at the same thread count (tiny_grid's, --jobs 1)."""
+    _, root = run_grid(tmp_path, "fcos_r18", "retinanet_r18_v2", "none,unikd", "0", ["--jobs", "2"])
+    results = {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/result.json")}
+    assert sorted(results) == ["ake_fcos_r18", "fcos_r18__retinanet_r18_v2__unikd__s0", "none__retinanet_r18_v2__s0",
+                               "teacher_fcos_r18"]
+    for step, result in results.items():
+        one_process = json.loads((tiny_grid[2] / step / "result.json").read_text())
+        assert result["metrics"] == one_process["metrics"], step
+        assert result["threads"] == one_process["threads"] == 1 and result["device"] == "cpu"
+    assert_user_error(refused(["--stage", "grid", "--jobs", "0"] + TINY_PIPELINE, tmp_path), "--jobs 0")
 
 
 def test_demo_and_grid_refuse_a_flag_that_no_step_would_see(tmp_path):
@@ -3320,7 +3343,7 @@ def test_demo_and_grid_refuse_a_flag_that_no_step_would_see(tmp_path):
             check(["--stage", stage, flag, value])
     check(["--stage", "grid", "--teachers", "fcos_r34", "--seeds", "0", "--jobs", "2", "--no-amp"] + TINY_PIPELINE)
     check(["--stage", "demo", "--teacher", "fcos_r34", "--seed", "1", "--smoke", "--amp", "--device", "cpu"])
-    assert_user_error(run(["--stage", "grid", "--lambda-ct", "30"], tmp_path), "--lambda-ct: --stage grid")
+    assert_user_error(refused(["--stage", "grid", "--lambda-ct", "30"], tmp_path), "--lambda-ct: --stage grid")
 
 
 def test_demo_says_plainly_whether_unikd_beat_the_student_alone():
