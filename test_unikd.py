@@ -1104,7 +1104,7 @@ def test_deformable_detr_trains_on_the_triton_kernels_as_on_the_pytorch_path():
 
 
 @pytest.mark.parametrize("name,lr,lr_drop_at", [("deformable_detr_r18", 1e-3, None),
-                                                 ("deformable_detr_r18_two_stage", 3e-4, 150)])
+                                                 ("deformable_detr_r18_two_stage", 3e-4, 50)])
 def test_deformable_detr_overfits_one_image_from_scratch(name, lr, lr_drop_at):
     # two-stage: its top-k proposals, hence its decoder's reference boxes, jump from step to step; at a constant lr
     # its box losses hover around 0.1-0.5 of their start (1e-3 or 3e-4 alike), after a 10x drop they settle
