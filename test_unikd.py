@@ -1648,7 +1648,7 @@ def test_training_on_odd_but_usable_data_logs_what_was_dropped_and_a_refusal_cha
     write_coco(tmp_path / "odd" / "ann.json", [{"id": 1, "file_name": "b.png", "height": 40, "width": 60}] * 2, anns,
                [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}])
     resumed = flags + ["--epochs", "2", "--resume", str(out / "checkpoint.pth")]
-    assert_user_error(refused(resumed, tmp_path), "lists images id 1 more than once")
+    assert_user_error(run_here(resumed, tmp_path), "lists images id 1 more than once")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -2497,14 +2497,15 @@ def run(args, cwd, torchrun=None, timeout=600):
     return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def refused(args, cwd):
-    """What run() returns, from train.py's main in this process: for commands refused before anything trains, without
-    an interpreter's start-up (~4 s). Each test of refusals keeps one through run(), the real exit path."""
+def run_here(args, cwd, main=None):
+    """What run() returns, from train.py's main (or the main given) in this process: without an interpreter's
+    start-up (~4 s), for commands refused before anything trains and for short ones that write files. Each test of
+    refusals keeps one through run(), the real exit path."""
     import train
     out, err = io.StringIO(), io.StringIO()
     with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            train.main(args)
+            (main or train.main)(args)
             code = 0
         except SystemExit as e:
             code = e.code
@@ -2557,7 +2558,7 @@ def test_killed_run_resumes_to_the_same_epoch_count(tmp_path):
     first = torch.load(ckpt_path, map_location="cpu", weights_only=False)["epoch"]
     assert first < 2, "the run finished before it could be killed; the test proves nothing"
     # without --resume the earlier run is not overwritten
-    res = refused(args, tmp_path)
+    res = run_here(args, tmp_path)
     assert_user_error(res, "--resume")
     res = run(args + ["--resume", str(ckpt_path)], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -2745,37 +2746,37 @@ def test_embedded_data_gets_the_small_data_recipe_and_coco_format_data_the_paper
 def test_bad_input_is_one_clear_line(tmp_path):
     res = run(["--stage", "train", "--data-path", str(tmp_path / "nowhere")] + TINY, tmp_path)
     assert_user_error(res, "--data-path")
-    res = refused(["--stage", "train", "--model", "yolo_r50"] + TINY, tmp_path)
+    res = run_here(["--stage", "train", "--model", "yolo_r50"] + TINY, tmp_path)
     assert_user_error(res, "yolo_r50", "retinanet_r50")
-    res = refused(["--stage", "train", "--model", "deformable_detr_r152"] + TINY, tmp_path)  # a backbone it has not
+    res = run_here(["--stage", "train", "--model", "deformable_detr_r152"] + TINY, tmp_path)  # a backbone it has not
     assert_user_error(res, "deformable_detr_r152", "deformable_detr_r50")
     other_family = tmp_path / "fcos.pth"
     torch.save(detectors.build_detector("fcos_r18", 9).state_dict(), other_family)
-    res = refused(["--stage", "train", "--model", "deformable_detr_r18", "--weights", str(other_family)] + TINY,
-                  tmp_path)
+    res = run_here(["--stage", "train", "--model", "deformable_detr_r18", "--weights", str(other_family)] + TINY,
+                   tmp_path)
     assert_user_error(res, "fcos.pth", "does not fit this model")
     # --resume of a file that is not a checkpoint: refused, and the file is untouched
     bogus = tmp_path / "notes.pth"
     bogus.write_text("not a checkpoint")
-    res = refused(["--stage", "train", "--model", "fcos_r18", "--resume", str(bogus)] + TINY, tmp_path)
+    res = run_here(["--stage", "train", "--model", "fcos_r18", "--resume", str(bogus)] + TINY, tmp_path)
     assert_user_error(res, "not a checkpoint")
     assert bogus.read_text() == "not a checkpoint"
     plain = tmp_path / "plain.pth"
     torch.save({"weights": torch.zeros(1)}, plain)
-    res = refused(["--stage", "train", "--model", "fcos_r18", "--resume", str(plain), "--output-dir",
-                   str(tmp_path / "o2")] + TINY, tmp_path)
+    res = run_here(["--stage", "train", "--model", "fcos_r18", "--resume", str(plain), "--output-dir",
+                    str(tmp_path / "o2")] + TINY, tmp_path)
     assert_user_error(res, "not a train.py checkpoint")
     # --resume of a missing file or another run's checkpoint: refused before anything in the output dir changes
     out = tmp_path / "o3"
     out.mkdir()
     (out / "args.json").write_text("earlier")
-    res = refused(["--stage", "train", "--model", "fcos_r18", "--resume", str(tmp_path / "none.pth"), "--output-dir",
-                   str(out)] + TINY, tmp_path)
+    res = run_here(["--stage", "train", "--model", "fcos_r18", "--resume", str(tmp_path / "none.pth"), "--output-dir",
+                    str(out)] + TINY, tmp_path)
     assert_user_error(res, "no such file")
     other = tmp_path / "other.pth"
     torch.save({"kind": "unikd_checkpoint", "stage": "pretrain", "run": "pretrain_fcos_r18", "model": {}}, other)
-    res = refused(["--stage", "train", "--model", "fcos_r18", "--resume", str(other), "--output-dir", str(out)]
-                  + TINY, tmp_path)
+    res = run_here(["--stage", "train", "--model", "fcos_r18", "--resume", str(other), "--output-dir", str(out)]
+                   + TINY, tmp_path)
     assert_user_error(res, "pretrain_fcos_r18", "train_fcos_r18")
     assert (out / "args.json").read_text() == "earlier"
 
@@ -2790,8 +2791,8 @@ def test_bad_annotations_and_images(tmp_path):
     res = run(flags + ["--train-images", str(imgs), "--train-ann", str(malformed), "--val-images", str(imgs),
                        "--val-ann", str(malformed)], tmp_path)
     assert_user_error(res, "bad.json")
-    res = refused(flags + ["--train-images", str(imgs), "--train-ann", str(tmp_path / "missing.json"),
-                           "--val-images", str(imgs), "--val-ann", str(tmp_path / "missing.json")], tmp_path)
+    res = run_here(flags + ["--train-images", str(imgs), "--train-ann", str(tmp_path / "missing.json"),
+                            "--val-images", str(imgs), "--val-ann", str(tmp_path / "missing.json")], tmp_path)
     assert_user_error(res, "missing.json")
     # a corrupt image file named in a valid annotation file
     (imgs / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
@@ -2801,8 +2802,8 @@ def test_bad_annotations_and_images(tmp_path):
            "categories": [{"id": 3, "name": "thing"}]}
     good = tmp_path / "ann.json"
     good.write_text(json.dumps(ann))
-    res = refused(flags + ["--train-images", str(imgs), "--train-ann", str(good), "--val-images", str(imgs),
-                           "--val-ann", str(good)], tmp_path)
+    res = run_here(flags + ["--train-images", str(imgs), "--train-ann", str(good), "--val-images", str(imgs),
+                            "--val-ann", str(good)], tmp_path)
     assert_user_error(res, "broken.jpg")
 
 
@@ -3005,25 +3006,25 @@ def test_pretrain_and_distill_bad_input(pretrained, tmp_path):
     res = run(["--stage", "pretrain", "--teacher", "retinanet_r18"] + one, tmp_path)
     assert_user_error(res, "--stage train --model retinanet_r18")
     # no AKE anywhere
-    res = refused(["--stage", "distill", "--student", "fcos_r18"] + one, tmp_path)
+    res = run_here(["--stage", "distill", "--student", "fcos_r18"] + one, tmp_path)
     assert_user_error(res, "--stage pretrain")
     # --ake pointing at a file that is not an AKE
     not_ake = cwd / "runs" / "train_fcos_r18" / "model.pth"
-    res = refused(["--stage", "distill", "--student", "fcos_r18", "--ake", str(not_ake), "--output-dir",
-                   str(tmp_path / "a")] + one, cwd)
+    res = run_here(["--stage", "distill", "--student", "fcos_r18", "--ake", str(not_ake), "--output-dir",
+                    str(tmp_path / "a")] + one, cwd)
     assert_user_error(res, "not an AKE")
     ake = cwd / "runs" / "pretrain_fcos_r18" / "ake.pth"
     # an AKE of another teacher than --teacher says
-    res = refused(["--stage", "distill", "--student", "fcos_r18", "--ake", str(ake), "--teacher", "retinanet_r50",
-                   "--output-dir", str(tmp_path / "b")] + one, cwd)
+    res = run_here(["--stage", "distill", "--student", "fcos_r18", "--ake", str(ake), "--teacher", "retinanet_r50",
+                    "--output-dir", str(tmp_path / "b")] + one, cwd)
     assert_user_error(res, "fcos_r18", "retinanet_r50")
     # an AKE trained for another class count
     blob = torch.load(ake, map_location="cpu", weights_only=False)
     blob["num_classes"] = 81
     other = tmp_path / "ake_coco.pth"
     torch.save(blob, other)
-    res = refused(["--stage", "distill", "--student", "fcos_r18", "--ake", str(other), "--output-dir",
-                   str(tmp_path / "c")] + one, cwd)
+    res = run_here(["--stage", "distill", "--student", "fcos_r18", "--ake", str(other), "--output-dir",
+                    str(tmp_path / "c")] + one, cwd)
     assert_user_error(res, "80 classes")
 
 
@@ -3246,7 +3247,7 @@ def test_offline_bad_input_is_one_clear_line(dumped, tmp_path):
         shutil.copytree(store_dir, dst)
         return dst
 
-    def offline(store, *extra, check=refused):
+    def offline(store, *extra, check=run_here):
         return check(distill + ["--offline", str(store), "--output-dir", str(tmp_path / ("out_" + store.name))]
                      + list(extra), cwd)
 
@@ -3363,7 +3364,7 @@ def test_grid_writes_results_md_from_its_cells_and_a_rerun_skips_them(tiny_grid)
     ran = [l for l in again.stdout.splitlines() if l.startswith("== ")]
     assert len(ran) == 1 and "--method unikd" in ran[0] and "--seed 1" in ran[0]
     bad_method = grid[:-len(TINY_PIPELINE)] + ["--methods", "none,distil"] + TINY_PIPELINE
-    assert_user_error(refused(bad_method, tmp_path), "--methods", "distil")
+    assert_user_error(run_here(bad_method, tmp_path), "--methods", "distil")
 
 
 def test_grid_random_teacher_control_is_the_untrained_architecture_with_its_own_ake(tmp_path):
@@ -3414,7 +3415,7 @@ def test_grid_jobs_run_steps_in_worker_processes_with_the_results_of_one_process
         one_process = json.loads((tiny_grid[2] / step / "result.json").read_text())
         assert result["metrics"] == one_process["metrics"], step
         assert result["threads"] == one_process["threads"] == 1 and result["device"] == "cpu"
-    assert_user_error(refused(["--stage", "grid", "--jobs", "0"] + TINY_PIPELINE, tmp_path), "--jobs 0")
+    assert_user_error(run_here(["--stage", "grid", "--jobs", "0"] + TINY_PIPELINE, tmp_path), "--jobs 0")
 
 
 def test_demo_and_grid_refuse_a_flag_that_no_step_would_see(tmp_path):
@@ -3433,7 +3434,7 @@ def test_demo_and_grid_refuse_a_flag_that_no_step_would_see(tmp_path):
             check(["--stage", stage, flag, value])
     check(["--stage", "grid", "--teachers", "fcos_r34", "--seeds", "0", "--jobs", "2", "--no-amp"] + TINY_PIPELINE)
     check(["--stage", "demo", "--teacher", "fcos_r34", "--seed", "1", "--smoke", "--amp", "--device", "cpu"])
-    assert_user_error(refused(["--stage", "grid", "--lambda-ct", "30"], tmp_path), "--lambda-ct: --stage grid")
+    assert_user_error(run_here(["--stage", "grid", "--lambda-ct", "30"], tmp_path), "--lambda-ct: --stage grid")
 
 
 def test_demo_says_plainly_whether_unikd_beat_the_student_alone():
@@ -3502,8 +3503,7 @@ def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path):
 
     def pictures(*flags):
         out = tmp_path / flags[0].strip("-")
-        res = subprocess.run(base + list(flags) + ["--out", str(out)], cwd=cwd, env=env, capture_output=True,
-                             text=True, timeout=600)
+        res = run_here(base[2:] + list(flags) + ["--out", str(out)], cwd, main=ev.main)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         files = sorted(out.glob("*.png"))
         return [decode_png(read_file(str(f))) for f in files], res
