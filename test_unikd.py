@@ -1710,19 +1710,12 @@ def cli_setup(shapes, tmp_path_factory):
     return root, ckpt
 
 
-def run_main(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        ev.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    return exit_info.value.code, err
-
-
 def copy_layout(shapes, dest):
     shutil.copytree(shapes, dest)
     return dest
 
 
-def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(shapes, cli_setup, tmp_path, capsys):
+def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(shapes, cli_setup, tmp_path):
     root, ckpt = cli_setup
     ckpt_bytes = ckpt.read_bytes()
     broken_json = copy_layout(shapes, tmp_path / "broken_json")
@@ -1749,9 +1742,8 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(shapes, cli_setup
     ]
     for extra, message in cases:
         argv = ["--model", "fcos_r18", "--ckpt", str(ckpt), "--workers", "0", "--batch-size", "6"] + extra
-        code, err = run_main(argv, capsys)
-        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (extra, err)
-        assert ";" in err[0]  # problem; fix
+        res = run_here(argv, os.getcwd(), main=ev.main)
+        assert_user_error(res, message, ";")  # problem; fix
     assert ckpt.read_bytes() == ckpt_bytes and not_ckpt.read_text() == "hello"
     assert not [p for p in os.listdir(root) if p.endswith(".json")]
 
@@ -1775,16 +1767,15 @@ def test_cli_reads_the_model_name_from_model_pth_and_refuses_other_files(shapes,
              (["--ckpt", str(resumable)], "resumable training state of `distill distill_fcos_r18`"),
              (["--ckpt", str(ake_pth), "--model", "fcos_r18"], "an AKE file")]
     for argv, message in cases:
-        code, err = run_main(argv + common, capsys)
-        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+        assert_user_error(run_here(argv + common, os.getcwd(), main=ev.main), message)
     # a model.pth records its training categories: other data is refused, the same data evaluated
     categories = data.categories_of(shapes_split(shapes, "val", train=False, min_size=64, max_size=96))
     renamed = torch.load(model_pth, weights_only=True)
     for recorded, refused in ((categories, False), ([[1, "dog"]] + categories[1:], True)):
         torch.save(dict(renamed, categories=recorded), model_pth)
         if refused:
-            code, err = run_main(["--ckpt", str(model_pth)] + common, capsys)
-            assert code == 2 and len(err) == 1 and "category 1 is 'dog' in the first" in err[0], err
+            assert_user_error(run_here(["--ckpt", str(model_pth)] + common, os.getcwd(), main=ev.main),
+                              "category 1 is 'dog' in the first")
         else:
             assert set(ev.METRIC_NAMES) <= set(ev.main(["--ckpt", str(model_pth)] + common))
     torch.save(renamed, model_pth)
@@ -2067,6 +2058,7 @@ def test_ake_shapes_and_sampling():
     model = unikd.UniKD(num_classes=3, **SMALL)
     f = feats(2, g)
     boxes, pos_mask = model.sample_boxes(random_targets([3, 1], 3, g), "cpu", g)
+    logit = lambda p: torch.log(p / (1 - p))  # noqa: E731  (the inverse of the sigmoid, written out)
     for ake, b in ((model.ake_ct, None), (model.ake_pos, boxes)):
         q = ake.generate_queries(f, b)
         assert q.tgt.shape == (2, 20, 32) and q.reference.shape == (2, 20, 2 if b is None else 4)
@@ -2079,7 +2071,6 @@ def test_ake_shapes_and_sampling():
         logits, pred = ake.head(z, q)
         assert logits.shape == (2, 20, 3) and pred.shape == (2, 20, 4)
         # the box head's last layer starts at zero: a box reference is the box, a point one has w = h = sigmoid(0)
-        logit = lambda p: torch.log(p / (1 - p))  # noqa: E731
         start = q.reference if b is not None else torch.cat([q.reference, torch.full_like(q.reference, 0.5)], -1)
         torch.testing.assert_close(pred, start)
         d = torch.tensor([0.3, -0.2, 0.1, 0.4])  # a refinement: added in inverse-sigmoid space to the reference
