@@ -35,9 +35,10 @@ SMOKE_DEFAULTS = dict(teacher="fcos_r50", student="retinanet_r18_v2", shapes_tra
                       shapes_size=[64, 96], batch_size=4, teacher_epochs=1, pretrain_epochs=1, student_epochs=1,
                       warmup_iters=2, output_dir=os.path.join("runs", "smoke"))
 # sized so that the teacher, most of the demo's time, learns enough to have something to distil: ATSS-R34 learns
-# fastest from scratch of the families tried (RESULTS.md, "The demo on the CPU")
+# fastest from scratch of the families tried; one AKE epoch keeps the whole within ten minutes on a 2-core CPU with
+# AMX (RESULTS.md, "The demo on the CPU")
 DEMO_DEFAULTS = dict(teacher="atss_r34", student="retinanet_r18_v2", shapes_train=800, shapes_val=100,
-                     teacher_epochs=8, pretrain_epochs=2, student_epochs=1, warmup_iters=40)
+                     teacher_epochs=8, pretrain_epochs=1, student_epochs=1, warmup_iters=40)
 # below this teacher AP a demo has too little to distil for a student's gain to mean much
 DEMO_MIN_TEACHER_AP = 0.25
 # AKEs 15 epochs, as the paper pretrains them (sec. 4.1). Students 6: after 4 the R18 students alone end at
