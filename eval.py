@@ -367,6 +367,8 @@ def parse_args(argv=None):
     pictures.add_argument("--compare", default=None, metavar="NAME=CKPT",
                           help="ground truth | predictions of --ckpt's model | predictions of this model")
     pictures.add_argument("--pictures", type=int, default=4, metavar="N", help="images per picture flag")
+    pictures.add_argument("--score-thresh", type=float, default=0.3, metavar="S",
+                          help="--visualize and --compare draw the detections of score >= S")
     args = parser.parse_args(argv)
     wants_out = [flag for flag in ("visualize", "sampling", "density", "compare") if getattr(args, flag)]
     if wants_out and not args.out:
@@ -459,7 +461,7 @@ def write_pictures(args, name, model, dataset):
                                      os.path.join(args.out, "density.png")))
     if args.compare:
         paths += compare_pictures(model, named_model(args.compare, dataset, args)[1], dataset, args.device,
-                                  args.pictures, args.out)
+                                  args.pictures, args.out, args.score_thresh)
     print(f"wrote {len(paths)} pictures to {args.out}")
     return {"pictures": paths}
 
@@ -488,7 +490,7 @@ def main(argv=None):
                             "metrics": metrics})
     print(f"wrote {out}")
     if args.visualize:
-        paths = visualize(model, dataset, args.device, args.visualize, args.out)
+        paths = visualize(model, dataset, args.device, args.visualize, args.out, args.score_thresh)
         print(f"wrote {len(paths)} pictures to {args.out}")
     return metrics
 

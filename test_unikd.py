@@ -3484,7 +3484,7 @@ def test_grid_reads_each_version_of_an_ake_file_once(tmp_path, monkeypatch):
     assert grid.ake_sha256(str(ake)) == hashlib.sha256(b"the AKE of a second training").hexdigest()
     assert len(reads) == 2
 
-def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path):
+def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path, monkeypatch):
     from torchvision.io import decode_png, read_file
     cwd, one = pretrained
     teacher = str(cwd / "runs" / "train_fcos_r18" / "model.pth")
@@ -3516,6 +3516,22 @@ def test_picture_flags_write_pngs_of_the_expected_size(pretrained, tmp_path):
     assert ev.named_model(f"fcos_r18={tmp_path / 'student_model.pth'}", dataset, args)[0] == "fcos_r18 fitnet"
     compare, _ = pictures("--compare", f"fcos_r18={teacher}")
     assert len(compare) == 2 and all(p.shape == (3, 384, 3 * 384) for p in compare)
+    # --score-thresh reaches the drawing of both prediction panels (which boxes it keeps: the test below)
+    thresholds, real_draw = [], ev.draw_predictions
+    monkeypatch.setattr(ev, "draw_predictions", lambda *a: thresholds.append(a[3]) or real_draw(*a))
+    pictures("--compare", f"fcos_r18={teacher}", "--score-thresh", "0.75")
+    assert thresholds == [0.75] * 4
     res = subprocess.run(base + ["--sampling", teacher, "--out", str(tmp_path / "x")], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=600)
     assert_user_error(res, "not an AKE file")
+
+
+def test_draw_predictions_draws_the_boxes_at_or_above_the_score_threshold():
+    picture = torch.zeros(3, 48, 48, dtype=torch.uint8)
+    output = {"boxes": torch.tensor([[4., 30., 14., 40.], [24., 24., 44., 44.]]), "scores": torch.tensor([0.2, 0.6]),
+              "labels": torch.tensor([1, 1])}
+    drawn = lambda thresh: (ev.draw_predictions(picture, output, ["background", "a"], thresh) > 0).any(0)  # noqa: E731
+    low_edge, high_edge = (slice(34, 37), 4), (slice(28, 41), 44)  # left edge of the 0.2 box, right of the 0.6 box
+    assert drawn(0.5)[high_edge].all() and not drawn(0.5)[low_edge].any()
+    assert drawn(0.2)[high_edge].all() and drawn(0.2)[low_edge].all()
+    assert not drawn(0.7).any()
