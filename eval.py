@@ -151,6 +151,9 @@ def coco_metrics(coco_gt: COCO, results: list, image_ids=None, iou_type: str = "
 
 # ------------------------------------------------------------------------------------------ visualisation
 
+SCORE_THRESH = 0.3  # the detections --visualize and --compare draw unless --score-thresh says otherwise
+
+
 def draw_predictions(picture, output, names, score_thresh, zoom=1):
     """uint8 [3, h, w] with a detector's boxes of score >= score_thresh in red, labelled "class score"; zoom: how
     much larger the picture is than the image the boxes are in."""
@@ -175,7 +178,7 @@ def enlarged(picture):
 
 
 @torch.no_grad()
-def visualize(model, dataset, device, count: int, out_dir: str, score_thresh=0.3):
+def visualize(model, dataset, device, count: int, out_dir: str, score_thresh=SCORE_THRESH):
     """Write count PNGs: ground truth boxes green, predictions with score >= score_thresh red."""
 
     os.makedirs(out_dir, exist_ok=True)
@@ -325,7 +328,7 @@ def density_picture(models, dataset, device, count, out_path):
 
 
 @torch.no_grad()
-def compare_pictures(model_a, model_b, dataset, device, count, out_dir, score_thresh=0.3):
+def compare_pictures(model_a, model_b, dataset, device, count, out_dir, score_thresh=SCORE_THRESH):
     """Ground truth | predictions of model A | predictions of model B, on the same images (e.g. a student
     trained without and with UniKD). One PNG [3, z*h, 3*z*w] per image (z: the enlargement); predictions with score
     >= score_thresh."""
@@ -367,7 +370,7 @@ def parse_args(argv=None):
     pictures.add_argument("--compare", default=None, metavar="NAME=CKPT",
                           help="ground truth | predictions of --ckpt's model | predictions of this model")
     pictures.add_argument("--pictures", type=int, default=4, metavar="N", help="images per picture flag")
-    pictures.add_argument("--score-thresh", type=float, default=0.3, metavar="S",
+    pictures.add_argument("--score-thresh", type=float, default=SCORE_THRESH, metavar="S",
                           help="--visualize and --compare draw the detections of score >= S")
     args = parser.parse_args(argv)
     wants_out = [flag for flag in ("visualize", "sampling", "density", "compare") if getattr(args, flag)]
