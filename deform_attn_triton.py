@@ -699,21 +699,36 @@ class MSDeformAttn(nn.Module):
         direction 2*pi*h/n_heads (scaled onto the unit square's border) and point p at distance p+1
         pixels on every level; zero attention projection (so uniform weights 1/(L*P) at init);
         xavier-uniform value/output projections with zero biases."""
-        H, L, P = self.n_heads, self.n_levels, self.n_points
         nn.init.zeros_(self.sampling_offsets.weight)
-        theta = torch.arange(H, dtype=torch.float32) * (2.0 * math.pi / H)
-        direction = torch.stack([theta.cos(), theta.sin()], -1)                # [H, 2]
-        direction = direction / direction.abs().max(-1, keepdim=True).values    # on the square's border
-        scale = torch.arange(1, P + 1, dtype=torch.float32).view(1, 1, P, 1)
-        grid = direction.view(H, 1, 1, 2) * scale                              # [H, 1, P, 2]
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.expand(H, L, P, 2).reshape(-1))
+        self.reset_offsets()
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
         nn.init.xavier_uniform_(self.value_proj.weight)
         nn.init.zeros_(self.value_proj.bias)
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
+
+    def reset_offsets(self, level_sides=None):
+        """The sampling offsets' bias: head h points in direction 2*pi*h/n_heads (scaled onto the unit square's
+        border), point p at distance p+1 pixels of each level (Deformable DETR). level_sides: the shorter side, in
+        pixels, of each level's map as the images will give it, or None. With it the init is scale-aware: on a level
+        shorter than 2*n_points pixels the points are drawn in towards the reference so that the farthest sits at half
+        the shorter side, where Deformable DETR's would leave the map (P pixels on a map of 2 x 3 at stride 64 of a
+        128-pixel image); levels of 2*n_points pixels or more keep Deformable DETR's init. For references given as
+        points (x, y); with boxes the offsets scale with the box, not the level."""
+        H, L, P = self.n_heads, self.n_levels, self.n_points
+        theta = torch.arange(H, dtype=torch.float32) * (2.0 * math.pi / H)
+        direction = torch.stack([theta.cos(), theta.sin()], -1)                # [H, 2]
+        direction = direction / direction.abs().max(-1, keepdim=True).values    # on the square's border
+        distance = torch.arange(1, P + 1, dtype=torch.float32).view(1, 1, P, 1)
+        if level_sides is not None:
+            if len(level_sides) != L:
+                raise ValueError(f"level_sides: expected {L} values (one per level), got {len(level_sides)}")
+            shrink = torch.tensor([min(1.0, side / (2.0 * P)) for side in level_sides]).view(1, L, 1, 1)
+            distance = distance * shrink                                          # [1, L, P, 1]
+        grid = direction.view(H, 1, 1, 2) * distance                              # [H, 1 or L, P, 2]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.expand(H, L, P, 2).reshape(-1))
 
     def forward(self, query, reference_points, value_input, spatial_shapes, level_start_index,
                 padding_mask=None, return_sampling=False):

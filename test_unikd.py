@@ -428,6 +428,29 @@ def test_msdeformattn_init_uniform_weights_and_direction_grid(ref_dim):
     torch.testing.assert_close(locations, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_msdeformattn_scale_aware_offsets_keep_the_points_in_small_maps():
+    """reset_offsets(level_sides): from a reference at the centre of each map, every initial sampling point lies inside
+    it, the farthest at half the shorter side where that is under 2P pixels; levels of 2P pixels or more keep Deformable
+    DETR's init. Deformable DETR's init leaves the smallest maps (the check that this test can fail)."""
+    H, P = 8, 4
+    shapes = [(16, 24), (8, 12), (4, 6), (2, 3)]                          # stride 8..64 of a 128 x 192 image
+    module = MSDeformAttn(d_model=32, n_levels=4, n_heads=H, n_points=P)
+    query = torch.randn(1, 1, 32)
+    centre = torch.full((1, 1, 4, 2), 0.5)
+    spatial_shapes = torch.tensor(shapes)
+    detr_locations = module.sampling(query, centre, spatial_shapes)[0][0, 0]            # [H, L, P, 2]
+    module.reset_offsets([h for h, w in shapes])
+    locations = module.sampling(query, centre, spatial_shapes)[0][0, 0]
+    wh = spatial_shapes.flip(-1).float().view(1, 4, 1, 2)
+    assert ((locations >= 0) & (locations <= 1)).all()
+    assert not ((detr_locations >= 0) & (detr_locations <= 1)).all()
+    reach = ((locations - 0.5) * wh).abs().amax(dim=(0, 2, 3))                          # farthest, in pixels of a level
+    torch.testing.assert_close(reach, torch.tensor([4.0, 4.0, 2.0, 1.0]))              # P, P, then half of 4 and 2
+    torch.testing.assert_close(locations[:, :2], detr_locations[:, :2])
+    with pytest.raises(ValueError, match="level_sides: expected 4 values"):
+        module.reset_offsets([16, 8])
+
+
 def test_msdeformattn_padding_mask_hides_padded_pixels():
     module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
     query, ref, value_input, spatial_shapes, level_start_index = module_inputs()
@@ -2913,6 +2936,27 @@ def pretrained(tmp_path_factory):
     blob = torch.load(cwd / "runs" / "pretrain_fcos_r18" / "ake.pth", map_location="cpu", weights_only=False)
     assert blob["teacher"] == "fcos_r18" and blob["num_classes"] == 9
     return cwd, one
+
+
+def test_pretrain_offset_init_scale_aware_sets_the_content_akes_offsets(pretrained, tmp_path):
+    """--offset-init scale_aware (with --epochs 0: the initial AKE saved): every MSDA of the content AKE starts with
+    reset_offsets at the levels' shorter sides of the training images; the positional AKE keeps Deformable DETR's."""
+    cwd, one = pretrained
+    teacher = cwd / "runs" / "train_fcos_r18" / "model.pth"
+    res = run_here(["--stage", "pretrain", "--teacher", "fcos_r18", "--teacher-weights", str(teacher),
+                    "--offset-init", "scale_aware", "--output-dir", str(tmp_path / "ake")] + one + ["--epochs", "0"],
+                   tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    blob = torch.load(tmp_path / "ake" / "ake.pth", map_location="cpu", weights_only=False)
+    sides = [math.ceil(blob["min_size"] / s) for s in (8, 16, 32, 64)]
+    P = 4
+    distance = torch.tensor([[min(1.0, side / (2 * P)) * (p + 1) for p in range(P)] for side in sides])   # [L, P]
+    scaled = (DIRECTIONS_8.view(8, 1, 1, 2) * distance.view(1, 4, P, 1)).flatten()
+    detr = (DIRECTIONS_8.view(8, 1, 1, 2) * torch.arange(1, P + 1.0).view(1, 1, P, 1)).expand(8, 4, P, 2).flatten()
+    biases = {k: v for k, v in blob["state_dict"].items() if k.endswith("sampling_offsets.bias")}
+    assert len(biases) == 4 and sides[-1] < 2 * P
+    for key, bias in biases.items():
+        torch.testing.assert_close(bias, scaled if key.startswith("ake_ct.") else detr)
 
 
 def test_distill_uses_newest_ake_and_writes_student(pretrained):

@@ -84,6 +84,10 @@ def get_args_parser():
     p.add_argument("--extractor-layers", default=1, type=int, choices=[1, 2, 3], help="decoder layers in f_e")
     p.add_argument("--adapter-layers", default=None, type=int, choices=[0, 1, 2, 3, 4],
                    help="deformable self-attention layers in phi (default: 2 for unikd, 1 for fitnet, as the paper)")
+    p.add_argument("--offset-init", default="deformable_detr", choices=["deformable_detr", "scale_aware"],
+                   help="--stage pretrain: the content AKE's sampling offsets at init; scale_aware draws the points in "
+                        "on levels shorter than 2 x n_points pixels (MSDeformAttn.reset_offsets), where Deformable "
+                        "DETR's reach outside the map (small images; no change at COCO size)")
     p.add_argument("--lambda-ct", default=10.0, type=float, help="lambda_1 of Eq. (7)")
     p.add_argument("--lambda-pos", default=10.0, type=float, help="lambda_2 of Eq. (7)")
     p.add_argument("--fitnet-weight", default=10.0, type=float,
@@ -538,7 +542,10 @@ def stage_pretrain(args, device):
     teacher = build_frozen_teacher(name, train_ds.num_classes, weights, args, device)
     config = dict(num_classes=train_ds.num_classes - 1, num_queries=args.num_queries,
                   num_extractor_layers=args.extractor_layers, d_model=detectors.fpn_channels(teacher))
-    model = unikd.UniKD(**config).to(device)
+    model = unikd.UniKD(**config)
+    if args.offset_init == "scale_aware":  # each level's shorter side at the training images' shorter side
+        model.ake_ct.reset_offsets([math.ceil(args.min_size / s) for s in detectors.AKE_STRIDES])
+    model = model.to(device)
     counts = unikd.count_parameters(model)
     log(args, f"teacher {name} ({weights}); AKE parameters: " +
         ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in counts.items()))

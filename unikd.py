@@ -377,6 +377,14 @@ class AKE(nn.Module):
         nn.init.zeros_(self.box_head.layers[-1].weight)                        # boxes start at the reference
         nn.init.zeros_(self.box_head.layers[-1].bias)
 
+    def reset_offsets(self, level_sides):
+        """Scale-aware sampling offsets in every MSDA of this AKE (MSDeformAttn.reset_offsets): level_sides [L] are
+        the shorter sides, in pixels, of the levels' maps it will read. Only the content AKE's offsets are in pixels
+        of each level (2-d references); the positional AKE's scale with the boxes and need none."""
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module.reset_offsets(level_sides)
+
     def memory(self, feats):
         """Level list -> FeatureMemory, each level with its learned level embedding added (the value input of MSDA)."""
         if len(feats) != self.n_levels:
