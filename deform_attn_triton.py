@@ -192,6 +192,7 @@ def ms_deform_attn_grid_sample(value, spatial_shapes, level_start_index, samplin
 
 _CPU_ROWS_PER_CHUNK = 16384     # output rows whose taps are built together (amortises per-op overhead)
 _CPU_ROWS_PER_SCATTER = 512     # rows per index_add_ (its [n, K, C] source should stay cache-sized)
+_CPU_TAPS_PER_ROW_TRANSPOSED = 16   # taps per value row from which the value gradient scatters transposed
 _GPU_TAPS_PER_CHUNK = 1 << 20    # bounds the [n, K, C] gather/scatter scratch on GPU
 
 
@@ -296,15 +297,24 @@ def _tap_grads(table, taps, grad_rows, sparse):
     return torch.bmm(table[taps.idx.reshape(-1)].view(n, K, -1), grad_rows.unsqueeze(-1)).view(n, K)
 
 
-def _scatter_value_grad(grad_table, taps, grad_rows, source):
-    """grad_table[idx[r, k]] += w[r, k] * grad_rows[r]  (dL/dV = A^T g), in cache-sized pieces."""
-    n = taps.idx.shape[0]
+def _scatter_value_grad(grad_table, taps, grad_rows, source, transposed):
+    """grad_table[idx[r, k]] += w[r, k] * grad_rows[r]  (dL/dV = A^T g), in cache-sized pieces. transposed: grad_table
+    is held as [C, rows] -- PyTorch's CPU scatter splits its work over the dimension it does not scatter along, so
+    along the table's rows each thread streams whole channels (contiguous source, one channel's row in cache), where
+    along dim 0 of [rows, C] it strides across the channels of every tap."""
+    n, K = taps.idx.shape
     C = grad_rows.shape[1]
-    step = source.shape[0]
+    step = source.numel() // (C * K)
     for lo in range(0, n, step):
         hi = min(lo + step, n)
-        src = torch.mul(taps.w[lo:hi].unsqueeze(-1), grad_rows[lo:hi].unsqueeze(1), out=source[:hi - lo])
-        grad_table.index_add_(0, taps.idx[lo:hi].reshape(-1), src.view(-1, C))
+        if transposed:
+            src = torch.mul(grad_rows.t()[:, lo:hi, None], taps.w[None, lo:hi],
+                            out=source[:C * (hi - lo) * K].view(C, hi - lo, K))
+            grad_table.index_add_(1, taps.idx[lo:hi].reshape(-1), src.view(C, -1))
+        else:
+            src = torch.mul(taps.w[lo:hi, :, None], grad_rows[lo:hi, None],
+                            out=source[:C * (hi - lo) * K].view(hi - lo, K, C))
+            grad_table.index_add_(0, taps.idx[lo:hi].reshape(-1), src.view(-1, C))
 
 
 def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_out, needs, kept_taps=None):
@@ -320,12 +330,17 @@ def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_ou
     attn_r = attn.to(dtype).reshape(R, LP)
     grad_rows = grad_out.to(dtype).reshape(R, C)
     need_value, need_taps = needs[0], needs[3] or needs[4]
-    grad_table = torch.zeros_like(table) if need_value else None
+    # the transposed table costs a zero-fill and a transpose of all of it: it pays where the taps far outnumber the
+    # table's rows (self-attention: K taps per value row), not where a few queries read large maps (a decoder)
+    transposed = value.device.type == "cpu" and R * K >= _CPU_TAPS_PER_ROW_TRANSPOSED * table.shape[0]
+    grad_table = None
+    if need_value:
+        grad_table = table.new_zeros(C, table.shape[0]) if transposed else torch.zeros_like(table)
     grad_loc = loc_r.new_empty(R, LP, 2) if need_taps else None
     grad_attn = attn_r.new_empty(R, LP) if need_taps else None
     chunks = _row_chunks(R, K, value.device)
     scatter_rows = _CPU_ROWS_PER_SCATTER if value.device.type == "cpu" else len(chunks[0])
-    source = table.new_empty(min(scatter_rows, R), K, C) if need_value else None   # reused scratch
+    source = table.new_empty(min(scatter_rows, R) * K * C) if need_value else None   # reused scratch
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
         for i, rows in enumerate(chunks):
@@ -333,7 +348,7 @@ def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_ou
             taps = kept_taps[i] if kept_taps else _bilinear_taps(geo, loc_r[lo:hi], attn_r[lo:hi], rows, Q * H)
             g = grad_rows[lo:hi]                                               # [n, C]
             if need_value:
-                _scatter_value_grad(grad_table, taps, g, source)
+                _scatter_value_grad(grad_table, taps, g, source, transposed)
             if need_taps:
                 # w = a * wy * wx per corner (y, x): chain rule through the separable bilinear weights
                 gw = _tap_grads(table, taps, g, sparse=value.device.type == "cpu")
@@ -348,7 +363,9 @@ def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_ou
                                       per_y[:, 1] * inside[:, 1, 1] - per_y[:, 0] * inside[:, 1, 0]], 1)
                 g_loc = g_frac.mul_(attn_r[lo:hi].unsqueeze(1)).mul_(geo.size)  # d frac / d loc = W; H
                 grad_loc[lo:hi] = g_loc.transpose(1, 2)
-    return (grad_table.view(B, S, H, C).to(value.dtype) if need_value else None,
+    if transposed and need_value:
+        grad_table = grad_table.t()
+    return (grad_table.reshape(B, S, H, C).to(value.dtype) if need_value else None,
             grad_loc.view(loc.shape).to(loc.dtype) if need_taps else None,
             grad_attn.view(attn.shape).to(attn.dtype) if need_taps else None)
 

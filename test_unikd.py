@@ -216,6 +216,28 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=backend == "triton")
 
 
+@pytest.mark.parametrize("taps_per_row", [0, 10 ** 9], ids=["transposed", "row_major"])
+def test_both_value_gradient_scatters_pass_gradcheck_and_match_grid_sample(monkeypatch, taps_per_row):
+    """The PyTorch path scatters the value gradient into a transposed table where taps far outnumber the table's rows
+    (_CPU_TAPS_PER_ROW_TRANSPOSED) and row-major otherwise: each layout forced, fp64 gradcheck and the fp32 gradients
+    of autograd through grid_sample."""
+    monkeypatch.setattr(msda, "_CPU_TAPS_PER_ROW_TRANSPOSED", taps_per_row)
+    value, spatial_shapes, level_start_index, loc, attn = gradcheck_case()
+    inputs = tuple(t.clone().requires_grad_(True) for t in (value, loc, attn))
+    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn(v, spatial_shapes, level_start_index, l, a,
+                                                                   backend="torch"),
+                                    inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    value, spatial_shapes, level_start_index, loc, attn = random_case(2, 70, 2, 7, [(4, 6), (2, 3)], 3, seed=4)
+    grad_out = torch.randn(2, 70, 2 * 7, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for fn in (msda.ms_deform_attn_grid_sample, lambda *a: ms_deform_attn(*a, backend="torch")):
+        leaves = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
+        grads.append(torch.autograd.grad(fn(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2]),
+                                         leaves, grad_out))
+    for ref, ours in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Precision, empty inputs, strided inputs
 # ----------------------------------------------------------------------------------------------
