@@ -191,7 +191,7 @@ def ms_deform_attn_grid_sample(value, spatial_shapes, level_start_index, samplin
 # fresh on every call.
 
 _CPU_ROWS_PER_CHUNK = 16384     # output rows whose taps are built together (amortises per-op overhead)
-_CPU_ROWS_PER_SCATTER = 512     # rows per index_add_ (its [n, K, C] source should stay cache-sized)
+_CPU_ROWS_PER_SCATTER = 512     # rows per index_add_ (its source of n*K*C values should stay cache-sized)
 _CPU_TAPS_PER_ROW_TRANSPOSED = 16   # taps per value row from which the value gradient scatters transposed
 _GPU_TAPS_PER_CHUNK = 1 << 20    # bounds the [n, K, C] gather/scatter scratch on GPU
 
@@ -330,8 +330,9 @@ def _torch_backward(value, spatial_shapes, level_start_index, loc, attn, grad_ou
     attn_r = attn.to(dtype).reshape(R, LP)
     grad_rows = grad_out.to(dtype).reshape(R, C)
     need_value, need_taps = needs[0], needs[3] or needs[4]
-    # the transposed table costs a zero-fill and a transpose of all of it: it pays where the taps far outnumber the
-    # table's rows (self-attention: K taps per value row), not where a few queries read large maps (a decoder)
+    # transposed pays where the taps far outnumber the table's rows (self-attention: K taps per value row); where a few
+    # queries read large maps (a decoder) a channel's row no longer stays in cache and the final transpose copies the
+    # whole table for few taps
     transposed = value.device.type == "cpu" and R * K >= _CPU_TAPS_PER_ROW_TRANSPOSED * table.shape[0]
     grad_table = None
     if need_value:
