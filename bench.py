@@ -26,6 +26,8 @@ import time
 import warnings
 
 import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
 import deform_attn_triton as msda
 import detectors
@@ -482,14 +484,34 @@ def kd_cost(args, device, kd_loss_fn, teacher, distiller, optimizer, train_loade
                   f"ms; sum {sum(parts.values()) * 1e3:.0f} ms against online - plain "
                   f"{(t['online'] - t['plain']) * 1e3:.0f} ms")
         result.update(parts)
+        result.update(overhead_floor(args, distiller, teacher, batches[0], parts, step_context, device))
     return result
 
 
+UNIKD_PARTS = ("teacher_side", "phi", "student_side")   # the parts of its online overhead, in order
+
+
+def overhead_floor(args, distiller, teacher, batch, parts, step_context, device):
+    """Logs the dense products of each part of UniKD's overhead (GFLOP, and the rate its measured time implies) and
+    the floor they set: their time at the rate of one matrix product of the decoders' FFN shape ([B*N, C] x [C, 4C])
+    measured now in the same precision -> {part_gflop, matmul_gflop_per_s, floor_s}."""
+    flops = unikd_part_flops(distiller, teacher, batch, step_context)
+    ake = distiller.unikd.ake_ct
+    rate = matmul_flops_per_s(args.batch_size * distiller.unikd.num_queries, ake.d_model,
+                              ake.extractor[0].ffn[0].out_features, device, step_context)
+    floor_s = sum(flops.values()) / rate
+    each = ", ".join(f"{part.replace('_', ' ')} {flops[part] / 1e9:.1f} GFLOP ({flops[part] / parts[part + '_s'] / 1e9:.0f}"
+                     f" GFLOP/s)" for part in UNIKD_PARTS)
+    log(args, f"their dense products: {each}; a matrix product of the decoders' FFN shape runs at {rate / 1e9:.0f} "
+              f"GFLOP/s here, so the products alone take {floor_s * 1e3:.0f} ms at best: the overhead's floor with "
+              f"the method's sizes and this precision")
+    return {**{f"{part}_gflop": flops[part] / 1e9 for part in UNIKD_PARTS}, "matmul_gflop_per_s": rate / 1e9,
+            "floor_s": floor_s}
+
+
 def unikd_parts(distiller, teacher, batches, step_context, device, warmup=2):
-    """Median seconds of the three parts of UniKD's online overhead, each timed alone on each batch's features: the
-    teacher side (both AKEs' queries and z^T from F^T, no gradient), phi(F^S) forward + backward, and the student
-    side (the frozen extractors on phi(F^S) and Eq. 8, forward + backward into phi(F^S)). Each part's output is
-    the next one's input, so nothing is computed twice."""
+    """Median seconds of the three parts of UniKD's online overhead (unikd_part_results), each timed alone on each
+    batch's features, the warm-up batches left out."""
     def timed(fn):
         t0 = time.perf_counter()
         out = fn()
@@ -497,37 +519,85 @@ def unikd_parts(distiller, teacher, batches, step_context, device, warmup=2):
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0, out
 
-    times = {"teacher_side_s": [], "phi_s": [], "student_side_s": []}
-    for i, (images, targets) in enumerate(batches):
-        with torch.no_grad(), step_context():
-            teacher_feats = detectors.forward_features(teacher, images, targets).features
-            out = detectors.forward_with_features(distiller.student, images, targets)
-        student_feats = [f.detach().requires_grad_() for f in out.features]
-        targets = detectors.normalized_targets(out)
-
-        def teacher_side():
-            with torch.no_grad(), step_context():
-                return distiller.unikd.teacher_knowledge(teacher_feats, targets)
-
-        def phi():
-            with step_context():
-                adapted = distiller.adapter(student_feats)
-            sum(f.float().sum() for f in adapted).backward()
-            return [f.detach().requires_grad_() for f in adapted]
-
-        t_teacher, knowledge = timed(teacher_side)
-        t_phi, adapted = timed(phi)
-
-        def student_side():
-            with step_context():
-                sum(distiller.unikd.student_loss(knowledge, adapted).values()).backward()
-
-        t_student, _ = timed(student_side)
+    times = {f"{part}_s": [] for part in UNIKD_PARTS}
+    for i, batch in enumerate(batches):
+        took = unikd_part_results(distiller, teacher, batch, step_context, timed)
         if i >= warmup:
-            for key, t in zip(times, (t_teacher, t_phi, t_student)):
-                times[key].append(t)
-    distiller.zero_grad(set_to_none=True)
+            for part, t in took.items():
+                times[f"{part}_s"].append(t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def unikd_part_flops(distiller, teacher, batch, step_context):
+    """{part: FLOPs} of the parts' dense products (matrix products, convolutions, attention among the queries) on one
+    batch, as torch.utils.flop_counter counts them: what no rearrangement of the same computation can do without.
+    MSDA's sampling (a gather of 4 L P taps per query and head) is not a dense product and is not counted."""
+    def counted(fn):
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+            out = fn()
+        return counter.get_total_flops(), out
+    return unikd_part_results(distiller, teacher, batch, step_context, counted)
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# the CPU kernels of scaled_dot_product_attention, which flop_counter does not count (its GPU ones it does)
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                           _cpu_attention_backward_flops}
+
+
+def unikd_part_results(distiller, teacher, batch, step_context, measure):
+    """The three parts of UniKD's online overhead run in order on one (images, targets) batch, each through
+    measure(fn) -> (result, fn's output): the teacher side (both AKEs' queries and z^T from F^T, no gradient),
+    phi(F^S) forward + backward, and the student side (the frozen extractors on phi(F^S) and Eq. 8, forward + backward
+    into phi(F^S)). Each part's output is the next one's input, so nothing is computed twice -> {part: result}."""
+    images, targets = batch
+    with torch.no_grad(), step_context():
+        teacher_feats = detectors.forward_features(teacher, images, targets).features
+        out = detectors.forward_with_features(distiller.student, images, targets)
+    student_feats = [f.detach().requires_grad_() for f in out.features]
+    targets = detectors.normalized_targets(out)
+
+    def teacher_side():
+        with torch.no_grad(), step_context():
+            return distiller.unikd.teacher_knowledge(teacher_feats, targets)
+
+    def phi():
+        with step_context():
+            adapted = distiller.adapter(student_feats)
+        sum(f.float().sum() for f in adapted).backward()
+        return [f.detach().requires_grad_() for f in adapted]
+
+    results = {}
+    results["teacher_side"], knowledge = measure(teacher_side)
+    results["phi"], adapted = measure(phi)
+
+    def student_side():
+        with step_context():
+            sum(distiller.unikd.student_loss(knowledge, adapted).values()).backward()
+
+    results["student_side"], _ = measure(student_side)
+    distiller.zero_grad(set_to_none=True)
+    return results
+
+
+def matmul_flops_per_s(rows, inner, cols, device, step_context, runs=10):
+    """FLOP/s of one [rows, inner] x [inner, cols] matrix product in step_context (its precision), the median of runs:
+    the rate the dense products of a KD step could reach at best on this device."""
+    a = torch.randn(rows, inner, device=device)
+    b = torch.randn(inner, cols, device=device)
+
+    def product():
+        with step_context():
+            a @ b
+    return 2 * rows * inner * cols / (_median_ms(product, device, runs) / 1e3)
 
 
 if __name__ == "__main__":

@@ -3013,6 +3013,8 @@ def test_kd_cost_times_the_step_and_the_parts_of_unikds_overhead_and_writes_no_r
         assert (parts is not None) == (method == "unikd"), res.stdout
         if parts:
             assert min(map(int, parts.groups())) > 0
+            floor = re.search(r"teacher side ([\d.]+) GFLOP .* so the products alone take (\d+) ms at best", res.stdout)
+            assert floor is not None and float(floor.group(1)) > 0 and int(floor.group(2)) >= 0, res.stdout
     assert sorted(os.listdir(cwd / "runs")) == before  # timing only: no run folder
 
 
@@ -3055,6 +3057,42 @@ def test_unikd_parts_times_each_part_around_its_own_call_and_takes_the_median_af
 
     parts = bench.unikd_parts(Distiller(), None, [(None, None)] * 5, contextlib.nullcontext, torch.device("cpu"))
     assert parts == pytest.approx({"teacher_side_s": 4e-3, "phi_s": 6e-3, "student_side_s": 8e-3}) and batch == [5]
+
+
+def test_unikd_part_flops_count_every_dense_product_of_the_three_parts(monkeypatch):
+    """The FLOPs --kd-cost reports per part against a count by hand of the products in unikd.py's layers: 2 FLOPs per
+    multiply-add; attention among the queries included; phi's backward forms input and weight gradients, the frozen
+    student side's only the input gradients that lead to phi(F^S)."""
+    B, N, C, H, L, P, F, K, C_in = 2, 6, 16, 2, 4, 2, 32, 3, 8
+    hw = [(4, 6), (2, 3), (1, 2), (1, 1)]
+    torch.manual_seed(0)
+    distiller = torch.nn.Module()
+    distiller.student = None
+    distiller.unikd = unikd.UniKD(num_classes=K, d_model=C, n_heads=H, n_levels=L, n_points=P, num_queries=N,
+                                  dim_ffn=F).freeze()
+    distiller.adapter = unikd.Adapter(C_in, C, num_layers=2, n_heads=H, n_levels=L, n_points=P)
+    teacher_feats = [torch.randn(B, C, h, w) for h, w in hw]
+    student_feats = [torch.randn(B, C_in, h, w) for h, w in hw]
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]]), "labels": torch.tensor([1])} for _ in range(B)]
+    monkeypatch.setattr(bench.detectors, "forward_features",
+                        lambda model, images, targets: types.SimpleNamespace(features=teacher_feats))
+    monkeypatch.setattr(bench.detectors, "forward_with_features",
+                        lambda model, images, targets: types.SimpleNamespace(features=student_feats))
+    monkeypatch.setattr(bench.detectors, "normalized_targets", lambda out: targets)
+
+    def linear(rows, fan_in, fan_out):
+        return 2 * rows * fan_in * fan_out
+
+    BN, BS, HLP = B * N, B * sum(h * w for h, w in hw), H * L * P
+    decoder_layer = (linear(BN, C, 3 * C) + 2 * 2 * B * N * N * C + linear(BN, C, C)   # self-attention: in, QK^T, AV, out
+                     + linear(BS, C, C) + linear(BN, C, 3 * HLP) + linear(BN, C, C)      # MSDA: value, offsets+weights, out
+                     + 2 * linear(BN, C, F))                                             # FFN
+    teacher_side = (4 * decoder_layer + linear(BN, C, 2) + linear(BN, 4, C)             # reference points, E' = FC(B^)
+                    + linear(BN, C, K) + 2 * linear(BN, C, C) + linear(BN, C, 4))         # the content head (matching)
+    student_side = 2 * (decoder_layer + 2 * linear(BN, C, F) + linear(BN, C, C) + linear(BS, C, C))
+    phi = 3 * linear(BS, C_in, C) + 2 * 3 * (2 * linear(BS, C, C) + linear(BS, C, 3 * HLP))
+    flops = bench.unikd_part_flops(distiller, None, (None, None), contextlib.nullcontext)
+    assert flops == {"teacher_side": teacher_side, "phi": phi, "student_side": student_side}
 
 
 def test_pretrain_and_distill_bad_input(pretrained, tmp_path):
