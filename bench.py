@@ -500,8 +500,8 @@ def overhead_floor(args, distiller, teacher, batch, parts, step_context, device)
     rate = matmul_flops_per_s(args.batch_size * distiller.unikd.num_queries, ake.d_model,
                               ake.extractor[0].ffn[0].out_features, device, step_context)
     floor_s = sum(flops.values()) / rate
-    each = ", ".join(f"{part.replace('_', ' ')} {flops[part] / 1e9:.1f} GFLOP ({flops[part] / parts[part + '_s'] / 1e9:.0f}"
-                     f" GFLOP/s)" for part in UNIKD_PARTS)
+    each = ", ".join(f"{part.replace('_', ' ')} {flops[part] / 1e9:.1f} GFLOP "
+                     f"({flops[part] / parts[part + '_s'] / 1e9:.0f} GFLOP/s)" for part in UNIKD_PARTS)
     log(args, f"their dense products: {each}; a matrix product of the decoders' FFN shape runs at {rate / 1e9:.0f} "
               f"GFLOP/s here, so the products alone take {floor_s * 1e3:.0f} ms at best: the overhead's floor with "
               f"the method's sizes and this precision")

@@ -3084,12 +3084,14 @@ def test_unikd_part_flops_count_every_dense_product_of_the_three_parts(monkeypat
         return 2 * rows * fan_in * fan_out
 
     BN, BS, HLP = B * N, B * sum(h * w for h, w in hw), H * L * P
-    decoder_layer = (linear(BN, C, 3 * C) + 2 * 2 * B * N * N * C + linear(BN, C, C)   # self-attention: in, QK^T, AV, out
-                     + linear(BS, C, C) + linear(BN, C, 3 * HLP) + linear(BN, C, C)      # MSDA: value, offsets+weights, out
-                     + 2 * linear(BN, C, F))                                             # FFN
-    teacher_side = (4 * decoder_layer + linear(BN, C, 2) + linear(BN, 4, C)             # reference points, E' = FC(B^)
-                    + linear(BN, C, K) + 2 * linear(BN, C, C) + linear(BN, C, 4))         # the content head (matching)
+    decoder_layer = (linear(BN, C, 3 * C) + 2 * 2 * B * N * N * C + linear(BN, C, C)  # self-attn: in, QK^T, AV, out
+                     + linear(BS, C, C) + linear(BN, C, 3 * HLP) + linear(BN, C, C)     # MSDA: value, offsets+w, out
+                     + 2 * linear(BN, C, F))                                            # FFN
+    teacher_side = (4 * decoder_layer + linear(BN, C, 2) + linear(BN, 4, C)            # reference points, FC(B^)
+                    + linear(BN, C, K) + 2 * linear(BN, C, C) + linear(BN, C, 4))        # content head (matching)
+    # each AKE's extractor layer, then the input gradients back from z: FFN, MSDA output and value projections
     student_side = 2 * (decoder_layer + 2 * linear(BN, C, F) + linear(BN, C, C) + linear(BS, C, C))
+    # the 1x1 projection and 2 layers' value, output, offsets + weights projections: forward, input and weight grads
     phi = 3 * linear(BS, C_in, C) + 2 * 3 * (2 * linear(BS, C, C) + linear(BS, C, 3 * HLP))
     flops = bench.unikd_part_flops(distiller, None, (None, None), contextlib.nullcontext)
     assert flops == {"teacher_side": teacher_side, "phi": phi, "student_side": student_side}
