@@ -23,10 +23,11 @@ from data import resolve_sizes
 from utils import (UserError, atomic_write_json, atomic_write_text, canonical_model_name, cpu_has_bf16_units,
                    file_sha256, is_main, log)
 
-# flags a demo or grid passes on to each of its steps (data, image size, loader, device, precision, smoke caps)
+# flags a demo or grid passes on to each of its steps (data, image size, loader, precision, smoke caps, MSDA backend;
+# the device is set on each step directly)
 PASSED_ON = ("data_path", "train_images", "train_ann", "val_images", "val_ann", "min_size", "max_size",
              "shapes_train", "shapes_val", "shapes_size", "shapes_seed", "workers", "batch_size", "amp", "max_iters",
-             "print_freq", "num_queries", "warmup_iters", "offset_init")  # (and the device, set on each step directly)
+             "print_freq", "num_queries", "warmup_iters", "offset_init", "msda_backend")
 # flags the pipelines read themselves; any other flag would be silently ignored by every step, so it is refused
 OWN_FLAGS = {"demo": ("teacher", "student", "seed", "smoke"),
              "grid": ("teachers", "students", "methods", "seeds", "report")}

@@ -3097,6 +3097,28 @@ def test_unikd_part_flops_count_every_dense_product_of_the_three_parts(monkeypat
     assert flops == {"teacher_side": teacher_side, "phi": phi, "student_side": student_side}
 
 
+def test_msda_backend_reaches_every_msda_of_a_stage_and_triton_without_its_device_is_refused(pretrained, monkeypatch,
+                                                                                            tmp_path):
+    cwd, one = pretrained
+    backends = []
+    real = msda.ms_deform_attn
+
+    def spy(value, shapes, starts, locations, weights, backend="auto"):
+        backends.append(backend)
+        return real(value, shapes, starts, locations, weights, backend)
+    monkeypatch.setattr(msda, "ms_deform_attn", spy)
+    res = run_here(["--stage", "distill", "--student", "fcos_r18", "--kd-cost", "1", "--msda-backend", "torch"] + one,
+                   cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # every MSDA of the AKEs (teacher and student sides) and of phi, in every step --kd-cost runs
+    assert set(backends) == {"torch"} and len(backends) >= 4 + 2 + 2, backends
+    monkeypatch.setattr(msda, "_TRITON_INTERPRETED", False)   # as without TRITON_INTERPRET=1 on a CPU
+    res = run_here(["--stage", "distill", "--student", "fcos_r18", "--msda-backend", "triton", "--output-dir",
+                    str(tmp_path / "d")] + one, cwd)
+    assert_user_error(res, "--msda-backend triton", "CUDA")
+    assert not (tmp_path / "d").exists()
+
+
 def test_pretrain_and_distill_bad_input(pretrained, tmp_path):
     cwd, one = pretrained
     # no teacher weights anywhere

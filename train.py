@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import deform_attn_triton as msda
 import detectors
 import grid
 import store
@@ -79,6 +80,10 @@ def get_args_parser():
                    help="bf16 autocast (GPU; on a CPU only where it has bf16 matrix units: AMX or AVX512-BF16); "
                         "--stage demo turns it on where the CPU has them, --no-amp keeps fp32")
     p.add_argument("--max-iters", default=None, type=int, help="cap on iterations per epoch (smoke tests)")
+    p.add_argument("--msda-backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="multi-scale deformable attention of the AKEs, phi and Deformable DETR: auto runs the Triton "
+                        "kernels on a GPU and the PyTorch path elsewhere; torch forces the PyTorch path (to compare "
+                        "the two on a GPU); triton needs a GPU (or TRITON_INTERPRET=1)")
     # UniKD (paper defaults)
     p.add_argument("--num-queries", default=200, type=int, help="N, queries per AKE")
     p.add_argument("--extractor-layers", default=1, type=int, choices=[1, 2, 3], help="decoder layers in f_e")
@@ -408,7 +413,30 @@ def build_frozen_teacher(name, num_classes, weights, args, device):
     teacher = build_model(name, num_classes, "teacher weights", weights=weights, min_size=args.min_size,
                           max_size=args.max_size).to(device)
     teacher.eval().requires_grad_(False)
-    return teacher
+    return use_msda_backend(teacher, args)
+
+
+def use_msda_backend(module, args):
+    """--msda-backend on every MSDA of module (AKEs, phi, a Deformable DETR) -> module."""
+    for m in module.modules():
+        if isinstance(m, msda.MSDeformAttn):
+            m.backend = args.msda_backend
+    return module
+
+
+def check_msda_backend(args, device):
+    """--msda-backend triton where the kernels cannot run is refused before anything is built."""
+    try:
+        msda.ms_deform_attn(*msda_probe(device), backend=args.msda_backend)
+    except ValueError as e:
+        raise UserError(f"--msda-backend {args.msda_backend}: {e}") from None
+
+
+def msda_probe(device):
+    """MSDA inputs with no query: they pass through the backend's checks and launch nothing."""
+    return (torch.zeros(1, 1, 1, 1, device=device), torch.ones(1, 2, dtype=torch.int64, device=device),
+            torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(1, 0, 1, 1, 1, 2, device=device),
+            torch.zeros(1, 0, 1, 1, 1, device=device))
 
 
 def wrap_ddp(module, args, device):
@@ -501,9 +529,9 @@ def stage_train(args, device):
     set_schedule_defaults(args, family, epochs=12, optimizer=detectors.optimizer_of(name))
     resume = prepare_run(args, f"train_{name}")
     train_ds, train_loader, val_loader = build_data(args, with_masks=family == "mask_rcnn")
-    model = build_model(name, train_ds.num_classes, "--weights/--weights-backbone", weights=args.weights,
-                        weights_backbone=args.weights_backbone, min_size=args.min_size,
-                        max_size=args.max_size).to(device)
+    model = use_msda_backend(build_model(name, train_ds.num_classes, "--weights/--weights-backbone",
+                                         weights=args.weights, weights_backbone=args.weights_backbone,
+                                         min_size=args.min_size, max_size=args.max_size).to(device), args)
     log(args, f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{train_ds.num_classes - 1} classes, {len(train_ds)} training images")
     ddp_model = wrap_ddp(model, args, device)
@@ -545,7 +573,7 @@ def stage_pretrain(args, device):
     model = unikd.UniKD(**config)
     if args.offset_init == "scale_aware":  # each level's shorter side at the training images' shorter side
         model.ake_ct.reset_offsets([math.ceil(args.min_size / s) for s in detectors.AKE_STRIDES])
-    model = model.to(device)
+    model = use_msda_backend(model.to(device), args)
     counts = unikd.count_parameters(model)
     log(args, f"teacher {name} ({weights}); AKE parameters: " +
         ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in counts.items()))
@@ -654,6 +682,7 @@ def stage_distill(args, device):
         args.adapter_layers = 2 if args.method == "unikd" else 1
     model = Distiller(student, args.method, frozen_unikd(ake_file) if args.method == "unikd" else None,
                       args.adapter_layers, (args.lambda_ct, args.lambda_pos), args.fitnet_weight).to(device)
+    use_msda_backend(model, args)
     log(args, f"distill {student_name} from {ake_file['teacher']} with {args.method}; "
               f"trainable {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M parameters")
     ddp_model = wrap_ddp(model, args, device)
@@ -697,7 +726,7 @@ def stage_dump(args, device):
     resuming = writer.resuming()
     teacher = build_frozen_teacher(ake_file["teacher"], train_ds.num_classes, ake_file["teacher_weights"], args,
                                    device)
-    model = frozen_unikd(ake_file).to(device)
+    model = use_msda_backend(frozen_unikd(ake_file).to(device), args)
     if resuming:
         log(args, f"resuming the unfinished dump in {writer.partial}")
     elif is_main(args):
@@ -781,6 +810,7 @@ def main(argv=None):
             raise UserError(f"--data-path {args.data_path}: no such directory; pass a COCO-layout root "
                             f"(train2017/, val2017/, annotations/) or omit it for the embedded dataset")
         device = init_distributed(args)
+        check_msda_backend(args, device)
         torch.manual_seed(args.seed + args.rank)
         data.resolve_sizes(args)
         if args.amp and device.type == "cpu" and not cpu_has_bf16_units():
