@@ -27,7 +27,6 @@ import warnings
 
 import torch
 from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
 
 import deform_attn_triton as msda
 import detectors
@@ -533,7 +532,7 @@ def unikd_part_flops(distiller, teacher, batch, step_context):
     batch, as torch.utils.flop_counter counts them: what no rearrangement of the same computation can do without.
     MSDA's sampling (a gather of 4 L P taps per query and head) is not a dense product and is not counted."""
     def counted(fn):
-        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
             out = fn()
         return counter.get_total_flops(), out
     return unikd_part_results(distiller, teacher, batch, step_context, counted)

@@ -425,18 +425,12 @@ def use_msda_backend(module, args):
 
 
 def check_msda_backend(args, device):
-    """--msda-backend triton where the kernels cannot run is refused before anything is built."""
+    """--msda-backend triton where the kernels cannot run is refused before anything is built (the check every MSDA
+    call makes, on an empty tensor of the device)."""
     try:
-        msda.ms_deform_attn(*msda_probe(device), backend=args.msda_backend)
+        msda._resolve_backend(args.msda_backend, torch.empty(0, device=device))
     except ValueError as e:
         raise UserError(f"--msda-backend {args.msda_backend}: {e}") from None
-
-
-def msda_probe(device):
-    """MSDA inputs with no query: they pass through the backend's checks and launch nothing."""
-    return (torch.zeros(1, 1, 1, 1, device=device), torch.ones(1, 2, dtype=torch.int64, device=device),
-            torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(1, 0, 1, 1, 1, 2, device=device),
-            torch.zeros(1, 0, 1, 1, 1, device=device))
 
 
 def wrap_ddp(module, args, device):
